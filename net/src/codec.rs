@@ -30,7 +30,9 @@ impl DecodeError {
     /// The v5 reason code that tells the peer why (CONNACK or DISCONNECT).
     pub fn reason_code(&self) -> ReasonCode {
         match self {
-            DecodeError::Malformed(_) | DecodeError::BadRemainingLength => ReasonCode::MalformedPacket,
+            DecodeError::Malformed(_) | DecodeError::BadRemainingLength => {
+                ReasonCode::MalformedPacket
+            }
             DecodeError::InvalidUtf8 => ReasonCode::MalformedPacket,
             DecodeError::Protocol(_) => ReasonCode::ProtocolError,
             DecodeError::PacketTooLarge { .. } => ReasonCode::PacketTooLarge,

@@ -1,1 +1,28 @@
-//! shardmq-shards
+//! shardmq-shards: the per-core broker.
+//!
+//! Table of contents, in the order a message meets them:
+//! - [`node`]: binds listeners and starts one [`shard`] per core.
+//! - [`ring`]: the shard's io_uring (accept, multishot recv into a shared buffer pool, doorbell).
+//! - [`conn`]: compact per-socket state and the vectored write path.
+//! - [`shard`]: the event loop and the MQTT semantics (connect, publish, subscribe, takeover).
+//! - [`session`]: per-client state (in-flight window, bounded queue, QoS 2 ids), sans-IO.
+//! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
+//! - [`mesh`]: the only way shards talk to each other.
+//! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
+
+pub mod config;
+pub mod conn;
+pub mod mesh;
+pub mod message;
+pub mod metrics;
+pub mod node;
+pub mod ring;
+pub mod session;
+pub mod shard;
+pub mod shard_set;
+pub mod timer;
+pub mod topic;
+pub mod topic_index;
+
+pub use config::{BrokerConfig, DropPolicy};
+pub use node::{Node, StartError};

@@ -1,0 +1,72 @@
+//! The settings a shard runs with, already validated by the binary's config loader.
+
+use std::net::SocketAddr;
+
+/// What a full session queue gives up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// Drop the oldest queued message to make room (keeps the freshest data).
+    DropOldest,
+    /// Refuse the new message (keeps what was queued first).
+    DropNewest,
+}
+
+/// Node-wide broker settings; every limit carries its unit in its name.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// `name@host`, shown in logs and `$SYS`.
+    pub node_name: String,
+    /// Number of shards; resolved from "0 = online cores" by the caller.
+    pub shards: usize,
+    /// MQTT/TCP listener address, bound once per shard with SO_REUSEPORT.
+    pub bind: SocketAddr,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// Connections this node accepts at once.
+    pub max_connections: usize,
+    /// Largest packet accepted or sent, in bytes.
+    pub max_packet_size: u32,
+    /// Longest client id, in bytes.
+    pub max_clientid_len: usize,
+    /// Deepest topic name or filter, in levels (0 = unlimited).
+    pub max_topic_levels: usize,
+    /// Unacknowledged QoS 1/2 messages per client.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the in-flight window.
+    pub max_queued_messages: usize,
+    /// What a full queue drops.
+    pub queue_drop_policy: DropPolicy,
+    /// Whether QoS 0 messages are queued for offline persistent sessions.
+    pub queue_qos0: bool,
+    /// Subscriptions per client (0 = unlimited).
+    pub max_subscriptions: usize,
+    /// Time allowed to complete CONNECT, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest time an offline persistent session is kept, in seconds.
+    pub session_expiry_interval_s: u32,
+    /// Whether retained messages are stored.
+    pub retain_available: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            node_name: "shardmq@127.0.0.1".into(),
+            shards: 1,
+            bind: "127.0.0.1:1883".parse().expect("literal address"),
+            backlog: 4096,
+            max_connections: 1_000_000,
+            max_packet_size: 1 << 20,
+            max_clientid_len: 65535,
+            max_topic_levels: 128,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            queue_drop_policy: DropPolicy::DropOldest,
+            queue_qos0: true,
+            max_subscriptions: 0,
+            connect_timeout_ms: 15_000,
+            session_expiry_interval_s: 7200,
+            retain_available: true,
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Client connections: compact per-socket state in a slab, and the vectored write path.
+//!
+//! A connection is not a task and owns no buffer while idle: reads land in the shard's pool
+//! (see `ring`), and only the bytes of an incomplete packet are kept in `partial`. Outgoing
+//! packets are queued as `Bytes` (a small header plus the shared payload) and written with one
+//! `writev` per connection per shard turn.
+
+use bytes::{Buf, Bytes};
+use shardmq_net::{Protocol, Will};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Most iovecs handed to one `writev`.
+const IOV_MAX: usize = 64;
+
+/// Lifecycle of a connection (sessions have their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// Accepted, waiting for a complete CONNECT.
+    Connecting,
+    /// CONNACK sent; bound to a session.
+    Active,
+}
+
+/// One client socket on this shard.
+pub struct Conn {
+    pub fd: OwnedFd,
+    pub state: ConnState,
+    pub protocol: Protocol,
+    /// Index of the session in the shard's session slab once active.
+    pub session: u32,
+    /// Bytes of a packet that has not fully arrived; empty (unallocated) otherwise.
+    pub partial: Vec<u8>,
+    out: VecDeque<Bytes>,
+    /// Bytes queued in `out`.
+    pub out_bytes: usize,
+    /// Waiting for POLLOUT after the kernel's send buffer filled.
+    pub write_blocked: bool,
+    /// Listed in the shard's flush list for this turn.
+    pub dirty: bool,
+    /// The multishot receive has ended (e.g. no pool buffer) and must be re-armed.
+    pub recv_needs_arm: bool,
+    /// When the connection times out (connect timeout, then 1.5 x keep-alive), in shard ms.
+    pub deadline_ms: u64,
+    /// Keep-alive window in ms (1.5 x the negotiated keep-alive), 0 = none.
+    pub keepalive_ms: u64,
+    /// Will message to publish if the connection ends without DISCONNECT.
+    pub will: Option<Box<Will>>,
+    /// Largest packet the client accepts (v5 Maximum Packet Size), bytes.
+    pub max_packet_out: u32,
+    /// Unacknowledged QoS 1/2 messages this client accepts (v5 Receive Maximum).
+    pub receive_max: u16,
+}
+
+impl Conn {
+    /// A freshly accepted socket.
+    pub fn new(fd: OwnedFd, deadline_ms: u64) -> Conn {
+        Conn {
+            fd,
+            state: ConnState::Connecting,
+            protocol: Protocol::V311,
+            session: u32::MAX,
+            partial: Vec::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            write_blocked: false,
+            dirty: false,
+            recv_needs_arm: false,
+            deadline_ms,
+            keepalive_ms: 0,
+            will: None,
+            max_packet_out: u32::MAX,
+            receive_max: u16::MAX,
+        }
+    }
+
+    /// The socket's descriptor.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Queues bytes to send; the caller puts the connection on the flush list.
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.out_bytes += b.len();
+            self.out.push_back(b);
+        }
+    }
+
+    /// True when nothing waits to be written.
+    pub fn out_is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Writes as much queued output as the socket takes. Ok(true) when all was written,
+    /// Ok(false) when the socket is full (wait for POLLOUT).
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while !self.out.is_empty() {
+            let mut iov: [libc::iovec; IOV_MAX] = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOV_MAX];
+            let n = self.out.len().min(IOV_MAX);
+            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
+                slot.iov_base = b.as_ptr() as *mut libc::c_void;
+                slot.iov_len = b.len();
+            }
+            // SAFETY: iov points into Bytes held by self.out for the duration of the call.
+            let written =
+                unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+            if written < 0 {
+                let err = io::Error::last_os_error();
+                return match err.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(err),
+                };
+            }
+            let mut left = written as usize;
+            self.out_bytes -= left;
+            while left > 0 {
+                let front = self
+                    .out
+                    .front_mut()
+                    .expect("kernel wrote no more than queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        // Give back the deque's buffer so an idle connection holds none.
+        if self.out.capacity() > 8 {
+            self.out = VecDeque::new();
+        }
+        Ok(true)
+    }
+}
+
+/// Connections of a shard, addressed by slot and generation so stale completions are ignored.
+#[derive(Default)]
+pub struct ConnSlab {
+    slots: Vec<(u32, Option<Conn>)>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl ConnSlab {
+    /// Stores `conn`, returning (slot, generation).
+    pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
+        self.len += 1;
+        if let Some(slot) = self.free.pop() {
+            let entry = &mut self.slots[slot as usize];
+            debug_assert!(entry.1.is_none());
+            entry.1 = Some(conn);
+            return (slot, entry.0);
+        }
+        self.slots.push((0, Some(conn)));
+        ((self.slots.len() - 1) as u32, 0)
+    }
+
+    /// The connection in `slot` if it is still of generation `gen`.
+    pub fn get_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        match self.slots.get_mut(slot as usize) {
+            Some((g, Some(c))) if *g == gen => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The connection in `slot`, whatever its generation.
+    pub fn get_slot(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.slots
+            .get_mut(slot as usize)
+            .and_then(|(_, c)| c.as_mut())
+    }
+
+    /// Current generation of `slot`.
+    pub fn gen(&self, slot: u32) -> u32 {
+        self.slots[slot as usize].0
+    }
+
+    /// Removes the connection and bumps the slot's generation.
+    pub fn remove(&mut self, slot: u32) -> Option<Conn> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        let conn = entry.1.take()?;
+        entry.0 = crate::ring::Token::next_gen(entry.0);
+        self.free.push(slot);
+        self.len -= 1;
+        Some(conn)
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots of all live connections.
+    pub fn live_slots(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, c))| c.is_some())
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+}

@@ -1,0 +1,248 @@
+//! Everything shards say to each other: the message types and the queues that carry them.
+//!
+//! Every pair of shards has one bounded single-producer/single-consumer queue per direction, so
+//! messages from one shard to another arrive in the order they were sent (which keeps each
+//! publisher's messages in order). A shard that finds a queue full keeps the overflow in a local
+//! FIFO and retries on its next turn; nothing is dropped here. A receiver that goes to sleep in
+//! its ring says so in [`Doorbell::parked`]; senders ring its eventfd only then.
+
+use crate::message::Message;
+use crossbeam_queue::ArrayQueue;
+use shardmq_net::Connect;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A message from one shard to another.
+pub enum MeshMsg {
+    /// Deliver to this shard's subscribers whose filters match.
+    Publish(Arc<Message>),
+    /// `shard` now has subscribers for `filter`; reply [`MeshMsg::RouteAck`] with `ack`.
+    RouteAdd {
+        filter: Arc<str>,
+        shard: u16,
+        ack: u64,
+    },
+    /// The route change with this token is applied on the sending shard.
+    RouteAck { token: u64 },
+    /// `shard` has no subscriber left for `filter`.
+    RouteDel { filter: Arc<str>, shard: u16 },
+    /// Retained message set (`Some`) or cleared (`None`) for `topic`.
+    Retain {
+        topic: Arc<str>,
+        msg: Option<Arc<Message>>,
+    },
+    /// A connection whose CONNECT arrived here but whose client id lives on the receiver.
+    Handoff(Box<Handoff>),
+    /// Close every connection and stop.
+    Shutdown,
+}
+
+/// A client socket moving to the shard that owns its client id (its home shard).
+pub struct Handoff {
+    pub fd: OwnedFd,
+    pub connect: Box<Connect>,
+    /// Bytes received after the CONNECT packet, decoded by the new owner.
+    pub leftover: Vec<u8>,
+}
+
+/// Wakes a shard sleeping in its ring.
+pub struct Doorbell {
+    fd: OwnedFd,
+    /// True while the owner is (about to be) blocked waiting for completions.
+    pub parked: AtomicBool,
+}
+
+impl Doorbell {
+    fn new() -> std::io::Result<Doorbell> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Doorbell {
+            // SAFETY: fd is a fresh descriptor we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            parked: AtomicBool::new(false),
+        })
+    }
+
+    /// The eventfd the owner reads through its ring.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Rings the bell; cheap and harmless when the owner is awake.
+    pub fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            );
+        }
+    }
+}
+
+/// One shard's end of the mesh.
+pub struct MeshEndpoint {
+    /// This shard's id.
+    pub id: usize,
+    inbound: Vec<Arc<ArrayQueue<MeshMsg>>>,
+    outbound: Vec<Arc<ArrayQueue<MeshMsg>>>,
+    overflow: Vec<VecDeque<MeshMsg>>,
+    doorbells: Vec<Arc<Doorbell>>,
+    sent: Vec<bool>,
+}
+
+/// Builds the full mesh for `shards` shards: element `i` belongs to shard `i`.
+pub fn build(shards: usize) -> std::io::Result<Vec<MeshEndpoint>> {
+    // Room per pair shrinks with the square of the shard count so the mesh stays a few MiB.
+    let cap = (1 << 20) / (shards * shards).max(1);
+    let cap = cap.clamp(256, 8192);
+    let doorbells: Vec<Arc<Doorbell>> = (0..shards)
+        .map(|_| Doorbell::new().map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    // queues[from][to]
+    let queues: Vec<Vec<Arc<ArrayQueue<MeshMsg>>>> = (0..shards)
+        .map(|_| {
+            (0..shards)
+                .map(|_| Arc::new(ArrayQueue::new(cap)))
+                .collect()
+        })
+        .collect();
+    Ok((0..shards)
+        .map(|id| MeshEndpoint {
+            id,
+            inbound: (0..shards).map(|from| queues[from][id].clone()).collect(),
+            outbound: queues[id].clone(),
+            overflow: (0..shards).map(|_| VecDeque::new()).collect(),
+            doorbells: doorbells.clone(),
+            sent: vec![false; shards],
+        })
+        .collect())
+}
+
+impl MeshEndpoint {
+    /// Number of shards in the mesh.
+    pub fn shards(&self) -> usize {
+        self.outbound.len()
+    }
+
+    /// This shard's doorbell.
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbells[self.id]
+    }
+
+    /// A handle to ring shard `to` from outside the shards (shutdown).
+    pub fn doorbell_of(&self, to: usize) -> Arc<Doorbell> {
+        self.doorbells[to].clone()
+    }
+
+    /// Queues `msg` for shard `to`, keeping order with anything already in overflow.
+    pub fn send(&mut self, to: usize, msg: MeshMsg) {
+        debug_assert_ne!(to, self.id, "a shard handles its own messages directly");
+        self.sent[to] = true;
+        if self.overflow[to].is_empty() {
+            if let Err(msg) = self.outbound[to].push(msg) {
+                self.overflow[to].push_back(msg);
+            }
+        } else {
+            self.overflow[to].push_back(msg);
+        }
+    }
+
+    /// Moves overflow into the queues and rings the shards that were sent to and are asleep.
+    /// Returns true if some overflow is still waiting (the caller must not sleep long).
+    pub fn flush(&mut self) -> bool {
+        let mut backlog = false;
+        for to in 0..self.outbound.len() {
+            while let Some(msg) = self.overflow[to].pop_front() {
+                if let Err(msg) = self.outbound[to].push(msg) {
+                    self.overflow[to].push_front(msg);
+                    backlog = true;
+                    break;
+                }
+            }
+        }
+        fence(Ordering::SeqCst);
+        for to in 0..self.outbound.len() {
+            if std::mem::take(&mut self.sent[to])
+                && self.doorbells[to].parked.load(Ordering::SeqCst)
+            {
+                self.doorbells[to].ring();
+            }
+        }
+        backlog
+    }
+
+    /// Takes up to `budget` messages from the inbound queues, round robin over senders.
+    pub fn recv(&mut self, budget: usize, out: &mut Vec<MeshMsg>) {
+        let mut taken = 0;
+        loop {
+            let before = taken;
+            for q in &self.inbound {
+                if let Some(m) = q.pop() {
+                    out.push(m);
+                    taken += 1;
+                }
+            }
+            if taken == before || taken >= budget {
+                return;
+            }
+        }
+    }
+
+    /// Marks this shard parked and reports whether anything is waiting; the caller sleeps only
+    /// when this returns false (Dekker-style handshake with [`MeshEndpoint::flush`]).
+    pub fn park(&self) -> bool {
+        self.doorbell().parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let pending = self.inbound.iter().any(|q| !q.is_empty());
+        if pending {
+            self.unpark();
+        }
+        !pending
+    }
+
+    /// Marks this shard awake.
+    pub fn unpark(&self) {
+        self.doorbell().parked.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_overflow_in_order_and_arrive_in_order() {
+        let mut mesh = build(2).unwrap();
+        let (a, rest) = mesh.split_at_mut(1);
+        let (a, b) = (&mut a[0], &mut rest[0]);
+        let n = 20_000u64;
+        for i in 0..n {
+            a.send(1, MeshMsg::RouteAck { token: i });
+        }
+        let mut got = Vec::new();
+        let mut next = 0;
+        while next < n {
+            a.flush();
+            got.clear();
+            b.recv(1000, &mut got);
+            for m in got.drain(..) {
+                match m {
+                    MeshMsg::RouteAck { token } => {
+                        assert_eq!(token, next);
+                        next += 1;
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        }
+        assert!(!a.flush());
+    }
+}

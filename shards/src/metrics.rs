@@ -1,0 +1,31 @@
+//! Node-wide counters, written by shards with relaxed atomics and read by `$SYS` and the API.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Counters shared by all shards of a node; each is a plain relaxed atomic.
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// Live client connections (also enforces `max_connections`).
+    pub connections: AtomicUsize,
+    /// Connections ever accepted.
+    pub connections_total: AtomicU64,
+    /// PUBLISH packets received from clients.
+    pub messages_received: AtomicU64,
+    /// PUBLISH packets sent to clients.
+    pub messages_sent: AtomicU64,
+    /// Messages dropped: full queues, too large for a client, QoS 0 to a congested client.
+    pub messages_dropped: AtomicU64,
+    /// Bytes read from client sockets.
+    pub bytes_received: AtomicU64,
+    /// Bytes written to client sockets.
+    pub bytes_sent: AtomicU64,
+    /// Connections closed for a protocol violation or malformed packet.
+    pub protocol_errors: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

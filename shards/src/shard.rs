@@ -1,0 +1,1509 @@
+//! One shard: a pinned thread that owns its listener, its io_uring, its connections, the
+//! sessions homed on it, its subscription slice, its route replica and its retained replica.
+//!
+//! Nothing here is shared with another thread except through [`MeshMsg`] and the relaxed
+//! counters in [`Metrics`]. A turn of the loop: take mesh messages, take ring completions,
+//! fire due timers, write every connection that has output (one `writev` each), push mesh
+//! overflow, then sleep in the ring until a completion, the doorbell or the next timer tick.
+//!
+//! Sessions live on the *home shard* of their client id (a hash of it): a socket whose CONNECT
+//! arrives on another shard is handed over with its bytes, so a client id is only ever looked
+//! up, taken over or resumed on one thread and takeover needs no cross-shard protocol.
+
+use crate::config::BrokerConfig;
+use crate::conn::{Conn, ConnSlab, ConnState};
+use crate::mesh::{Handoff, MeshEndpoint, MeshMsg};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::ring::{Completion, Ring, Token};
+use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
+use crate::shard_set::ShardSet;
+use crate::timer::{TimerWheel, TICK_MS};
+use crate::topic::{self, TopicError};
+use crate::topic_index::TopicIndex;
+use ahash::AHashMap;
+use bytes::{Bytes, BytesMut};
+use shardmq_net::{
+    decode, encode, encode_publish_header, ConnAck, Connect, DecodeError, Disconnect, Packet,
+    Properties, Protocol, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    SubscriptionOptions, UnsubAck, Unsubscribe,
+};
+use smallvec::SmallVec;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Output queued on a connection beyond which new messages wait in the session queue instead.
+const OUT_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// Mesh messages handled per turn before looking at sockets again.
+const MESH_BUDGET: usize = 4096;
+/// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
+const TIMER_SESSION: u64 = 1 << 63;
+
+/// State shared by every shard of the node.
+pub struct NodeShared {
+    pub cfg: BrokerConfig,
+    pub metrics: Metrics,
+    /// Set once to stop every shard.
+    pub shutdown: AtomicBool,
+}
+
+/// A session slot: the session, its connection (if online) and when it expires (if offline).
+struct SessionEntry {
+    session: Session,
+    conn: Option<u32>,
+    expires_at_ms: u64,
+}
+
+/// A local subscriber of one filter.
+#[derive(Clone, Copy)]
+struct Subscriber {
+    session: u32,
+    options: SubscriptionOptions,
+    id: Option<u32>,
+}
+
+/// A SUBACK held back until every other shard has applied this shard's new routes, so that a
+/// publish made anywhere after the client sees SUBACK reaches it.
+struct PendingSubAck {
+    slot: u32,
+    gen: u32,
+    suback: SubAck,
+    retained: Vec<(Arc<str>, SubscriptionOptions, Option<u32>)>,
+    waiting: usize,
+}
+
+/// Why a connection is closed, which decides the will and the v5 DISCONNECT sent first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// Client sent DISCONNECT: no will.
+    Graceful,
+    /// Socket error or EOF without DISCONNECT: publish the will.
+    Abnormal,
+    /// Broker-side decision with a reason; the will is published (the client did not leave).
+    Error(ReasonCode),
+    /// Another connection took the client id: no will, session kept.
+    TakenOver,
+    /// Node shutting down.
+    Shutdown,
+}
+
+/// Result of handling one packet: keep reading this connection or stop.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The shard itself; created and run on its own thread by `node`.
+pub struct Shard {
+    id: usize,
+    shared: Arc<NodeShared>,
+    ring: Ring,
+    listener: OwnedFd,
+    mesh: MeshEndpoint,
+    conns: ConnSlab,
+    sessions: Vec<Option<SessionEntry>>,
+    free_sessions: Vec<u32>,
+    by_client: AHashMap<Arc<str>, u32>,
+    slice: TopicIndex<SmallVec<[Subscriber; 2]>>,
+    routes: TopicIndex<ShardSet>,
+    retained: AHashMap<Arc<str>, Arc<Message>>,
+    timers: TimerWheel,
+    pending_subacks: AHashMap<u64, PendingSubAck>,
+    next_token: u64,
+    next_client_seq: u64,
+    flush_list: Vec<u32>,
+    scratch: BytesMut,
+    doorbell_counter: Box<u64>,
+    epoch: Instant,
+    now_ms: u64,
+}
+
+/// Stable hash of a client id choosing its home shard (FNV-1a: identical on every thread and
+/// every run, unlike a seeded hasher).
+pub fn home_shard(client_id: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in client_id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % shards as u64) as usize
+}
+
+impl Shard {
+    /// Builds shard `id` on the calling thread (the ring is bound to it).
+    pub fn new(
+        shared: Arc<NodeShared>,
+        mesh: MeshEndpoint,
+        listener: OwnedFd,
+    ) -> std::io::Result<Shard> {
+        let ring = Ring::new(4096, 2048, 4096)?;
+        let epoch = Instant::now();
+        Ok(Shard {
+            id: mesh.id,
+            shared,
+            ring,
+            listener,
+            mesh,
+            conns: ConnSlab::default(),
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            by_client: AHashMap::default(),
+            slice: TopicIndex::default(),
+            routes: TopicIndex::default(),
+            retained: AHashMap::default(),
+            timers: TimerWheel::new(0),
+            pending_subacks: AHashMap::default(),
+            next_token: 1,
+            next_client_seq: 0,
+            flush_list: Vec::new(),
+            scratch: BytesMut::with_capacity(64 * 1024),
+            doorbell_counter: Box::new(0),
+            epoch,
+            now_ms: 0,
+        })
+    }
+
+    fn cfg(&self) -> &BrokerConfig {
+        &self.shared.cfg
+    }
+
+    /// Runs the shard until the node shuts down.
+    pub fn run(mut self) -> std::io::Result<()> {
+        self.ring.accept_multi(self.listener.as_raw_fd());
+        self.arm_doorbell();
+        let mut completions = Vec::with_capacity(1024);
+        let mut mesh_msgs = Vec::with_capacity(1024);
+        let mut fired = Vec::new();
+        loop {
+            self.now_ms = self.epoch.elapsed().as_millis() as u64;
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                self.shutdown();
+                return Ok(());
+            }
+            self.mesh.recv(MESH_BUDGET, &mut mesh_msgs);
+            let busy = !mesh_msgs.is_empty() || !completions.is_empty();
+            for m in mesh_msgs.drain(..) {
+                self.on_mesh(m);
+            }
+            for c in completions.drain(..) {
+                self.on_completion(c);
+            }
+            self.timers.advance(self.now_ms, &mut fired);
+            for t in fired.drain(..) {
+                self.on_timer(t);
+            }
+            self.flush_conns();
+            let backlog = self.mesh.flush();
+            let wait = !busy && !backlog && self.mesh.park();
+            self.ring
+                .submit_and_collect(wait, Duration::from_millis(TICK_MS), &mut completions)?;
+            if wait {
+                self.mesh.unpark();
+            }
+        }
+    }
+
+    fn arm_doorbell(&mut self) {
+        let fd = self.mesh.doorbell().raw_fd();
+        let counter: *mut u64 = &mut *self.doorbell_counter;
+        // SAFETY: the counter is boxed and owned by the shard, which outlives the ring's use.
+        unsafe { self.ring.read_doorbell(fd, counter) };
+    }
+
+    // ---------------------------------------------------------------- completions
+
+    fn on_completion(&mut self, c: Completion) {
+        match c.token {
+            Token::Accept => self.on_accept(c),
+            Token::Recv { slot, gen } => self.on_recv(slot, gen, c),
+            Token::Writable { slot, gen } => {
+                if let Some(conn) = self.conns.get_mut(slot, gen) {
+                    conn.write_blocked = false;
+                    self.mark_dirty(slot);
+                }
+            }
+            Token::Doorbell => self.arm_doorbell(),
+            Token::Ignore => {}
+        }
+    }
+
+    fn on_accept(&mut self, c: Completion) {
+        if !c.more() {
+            self.ring.accept_multi(self.listener.as_raw_fd());
+        }
+        if c.result < 0 {
+            if c.result != -libc::ECANCELED {
+                log::warn!(
+                    "shard {}: accept failed: {}",
+                    self.id,
+                    std::io::Error::from_raw_os_error(-c.result)
+                );
+            }
+            return;
+        }
+        // SAFETY: a successful accept returns a new descriptor that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        let m = &self.shared.metrics;
+        if m.connections.fetch_add(1, Ordering::Relaxed) >= self.cfg().max_connections {
+            m.connections.fetch_sub(1, Ordering::Relaxed);
+            log::warn!(
+                "shard {}: refusing connection: max_connections reached",
+                self.id
+            );
+            return;
+        }
+        Metrics::add(&m.connections_total, 1);
+        set_nodelay(&fd);
+        let deadline = self.now_ms + self.cfg().connect_timeout_ms;
+        let (slot, gen) = self.conns.insert(Conn::new(fd, deadline));
+        let raw = self
+            .conns
+            .get_mut(slot, gen)
+            .map(|c| c.raw_fd())
+            .unwrap_or(-1);
+        self.ring.recv_once(raw, slot, gen);
+        self.timers.schedule(deadline, conn_token(slot, gen));
+    }
+
+    fn on_recv(&mut self, slot: u32, gen: u32, c: Completion) {
+        let bid = c.buffer();
+        let live = self.conns.get_mut(slot, gen).is_some();
+        if !live {
+            if let Some(bid) = bid {
+                self.ring.recycle(bid);
+            }
+            return;
+        }
+        if c.result > 0 {
+            let len = c.result as usize;
+            Metrics::add(&self.shared.metrics.bytes_received, len as u64);
+            if let Some(bid) = bid {
+                let data = self.ring.buffer(bid, len);
+                // SAFETY: the pool buffer is not recycled (and so not reused by the kernel)
+                // until after `on_bytes` returns, and the pool memory never moves.
+                let data: &[u8] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
+                self.on_bytes(slot, gen, data);
+                self.ring.recycle(bid);
+            }
+        } else if c.result == 0 {
+            self.close(slot, Close::Abnormal);
+            return;
+        } else if c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED {
+            log::debug!(
+                "shard {}: recv on {slot}: {}",
+                self.id,
+                std::io::Error::from_raw_os_error(-c.result)
+            );
+            self.close(slot, Close::Abnormal);
+            return;
+        }
+        if !c.more() {
+            if let Some(conn) = self.conns.get_mut(slot, gen) {
+                let fd = conn.raw_fd();
+                match conn.state {
+                    ConnState::Connecting => self.ring.recv_once(fd, slot, gen),
+                    ConnState::Active => self.ring.recv_multi(fd, slot, gen),
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in `data` (after any partial packet kept).
+    fn on_bytes(&mut self, slot: u32, gen: u32, data: &[u8]) {
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
+        };
+        if conn.state == ConnState::Active && conn.keepalive_ms > 0 {
+            conn.deadline_ms = self.now_ms + conn.keepalive_ms;
+        }
+        let mut partial = std::mem::take(&mut conn.partial);
+        let buf: &[u8] = if partial.is_empty() {
+            data
+        } else {
+            partial.extend_from_slice(data);
+            &partial
+        };
+        let mut off = 0;
+        let max = self.cfg().max_packet_size;
+        loop {
+            let Some(conn) = self.conns.get_mut(slot, gen) else {
+                return;
+            };
+            let protocol = conn.protocol;
+            let connecting = conn.state == ConnState::Connecting;
+            match decode(&buf[off..], protocol, max) {
+                Ok(Some((packet, used))) => {
+                    off += used;
+                    let flow = if connecting {
+                        match packet {
+                            Packet::Connect(connect) => {
+                                self.on_connect(slot, gen, connect, &buf[off..])
+                            }
+                            _ => {
+                                // MQTT-3.1.0-1: the first packet must be CONNECT.
+                                log::info!(
+                                    "shard {}: first packet is not CONNECT; closing",
+                                    self.id
+                                );
+                                self.protocol_error(slot, ReasonCode::ProtocolError);
+                                Flow::Stop
+                            }
+                        }
+                    } else {
+                        self.on_packet(slot, gen, packet)
+                    };
+                    if let Flow::Stop = flow {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.on_decode_error(slot, connecting, protocol, e);
+                    return;
+                }
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(slot, gen) {
+            if off < buf.len() {
+                if partial.is_empty() {
+                    conn.partial = buf[off..].to_vec();
+                } else {
+                    partial.drain(..off);
+                    conn.partial = partial;
+                }
+            }
+        }
+    }
+
+    fn on_decode_error(&mut self, slot: u32, connecting: bool, protocol: Protocol, e: DecodeError) {
+        log::info!("shard {}: closing connection: {e}", self.id);
+        if connecting {
+            if let DecodeError::UnsupportedProtocol { level, .. } = e {
+                // MQTT-3.1.2-2: answer in the form the client can read, then close.
+                let (proto, reason) = if level >= 5 {
+                    (Protocol::V5, ReasonCode::UnsupportedProtocolVersion)
+                } else {
+                    (Protocol::V311, ReasonCode::UnsupportedProtocolVersion)
+                };
+                self.send_packet(
+                    slot,
+                    proto,
+                    &Packet::ConnAck(ConnAck {
+                        reason,
+                        ..Default::default()
+                    }),
+                );
+            }
+            Metrics::add(&self.shared.metrics.protocol_errors, 1);
+            self.close(slot, Close::Error(e.reason_code()));
+            return;
+        }
+        let _ = protocol;
+        self.protocol_error(slot, e.reason_code());
+    }
+
+    /// Closes a connection for a protocol violation, telling a v5 client why (MQTT-4.13.1).
+    fn protocol_error(&mut self, slot: u32, reason: ReasonCode) {
+        Metrics::add(&self.shared.metrics.protocol_errors, 1);
+        self.close(slot, Close::Error(reason));
+    }
+
+    // ---------------------------------------------------------------- CONNECT
+
+    fn on_connect(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        mut connect: Box<Connect>,
+        leftover: &[u8],
+    ) -> Flow {
+        let protocol = connect.protocol;
+        let reject = |this: &mut Shard, reason: ReasonCode| {
+            this.send_packet(
+                slot,
+                protocol,
+                &Packet::ConnAck(ConnAck {
+                    reason,
+                    ..Default::default()
+                }),
+            );
+            Metrics::add(&this.shared.metrics.protocol_errors, 1);
+            this.close(slot, Close::Error(reason));
+            Flow::Stop
+        };
+        let mut assigned = false;
+        if connect.client_id.is_empty() {
+            // MQTT-3.1.3-7/8: an empty id needs clean session in 3.1.1; 3.1 requires an id.
+            if protocol == Protocol::V31 || (protocol == Protocol::V311 && !connect.clean_start) {
+                return reject(self, ReasonCode::ClientIdentifierNotValid);
+            }
+            self.next_client_seq += 1;
+            connect.client_id = format!(
+                "shardmq-{}-{}-{}",
+                self.id,
+                self.epoch.elapsed().as_nanos(),
+                self.next_client_seq
+            );
+            assigned = true;
+        }
+        if connect.client_id.len() > self.cfg().max_clientid_len {
+            return reject(self, ReasonCode::ClientIdentifierNotValid);
+        }
+        if let Some(will) = &connect.will {
+            if topic::validate_name(&will.topic, self.cfg().max_topic_levels).is_err()
+                || will.topic.starts_with('$')
+            {
+                return reject(self, ReasonCode::TopicNameInvalid);
+            }
+        }
+        let home = home_shard(&connect.client_id, self.mesh.shards());
+        if home != self.id {
+            let Some(conn) = self.conns.remove(slot) else {
+                return Flow::Stop;
+            };
+            let handoff = Handoff {
+                fd: conn.fd,
+                connect,
+                leftover: leftover.to_vec(),
+            };
+            self.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
+            return Flow::Stop;
+        }
+        self.attach(slot, gen, connect, assigned);
+        Flow::Continue
+    }
+
+    fn on_handoff(&mut self, h: Handoff) {
+        let Handoff {
+            fd,
+            connect,
+            leftover,
+        } = h;
+        let deadline = self.now_ms + self.cfg().connect_timeout_ms;
+        let (slot, gen) = self.conns.insert(Conn::new(fd, deadline));
+        self.timers.schedule(deadline, conn_token(slot, gen));
+        self.attach(slot, gen, connect, false);
+        if let Some(conn) = self.conns.get_mut(slot, gen) {
+            let fd = conn.raw_fd();
+            self.ring.recv_multi(fd, slot, gen);
+            if !leftover.is_empty() {
+                self.on_bytes(slot, gen, &leftover);
+            }
+        }
+    }
+
+    /// Binds a connection whose CONNECT is valid to its session on this (home) shard.
+    fn attach(&mut self, slot: u32, gen: u32, connect: Box<Connect>, assigned: bool) {
+        let cfg_inflight = self.cfg().max_inflight;
+        let cfg_expiry = self.cfg().session_expiry_interval_s;
+        let max_packet = self.cfg().max_packet_size;
+        let retain_available = self.cfg().retain_available;
+        let Connect {
+            protocol,
+            clean_start,
+            keep_alive,
+            client_id,
+            will,
+            properties,
+            ..
+        } = *connect;
+        let client_id: Arc<str> = client_id.into();
+        let expiry_s = match protocol {
+            Protocol::V5 => properties
+                .session_expiry_interval
+                .unwrap_or(0)
+                .min(cfg_expiry),
+            _ if clean_start => 0,
+            _ => cfg_expiry,
+        };
+        let ephemeral = expiry_s == 0;
+
+        // Takeover (MQTT-3.1.4-3): the old connection of this client id is closed.
+        let existing = self.by_client.get(&client_id).copied();
+        if let Some(sidx) = existing {
+            if let Some(old_slot) = self.session(sidx).conn {
+                if old_slot != slot {
+                    log::info!("shard {}: client {client_id:?} taken over", self.id);
+                    self.close(old_slot, Close::TakenOver);
+                }
+            }
+        }
+        let mut session_present = false;
+        let sidx = match self.by_client.get(&client_id).copied() {
+            Some(sidx) if !clean_start => {
+                session_present = true;
+                sidx
+            }
+            Some(sidx) => {
+                self.destroy_session(sidx);
+                self.new_session(client_id.clone(), ephemeral)
+            }
+            None => self.new_session(client_id.clone(), ephemeral),
+        };
+        {
+            let entry = self.session_mut(sidx);
+            entry.conn = Some(slot);
+            entry.session.ephemeral = ephemeral;
+            entry.expires_at_ms = expiry_s as u64 * 1000;
+        }
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
+        };
+        conn.state = ConnState::Active;
+        conn.protocol = protocol;
+        conn.session = sidx;
+        conn.will = will.map(Box::new);
+        conn.keepalive_ms = keep_alive as u64 * 1500;
+        conn.deadline_ms = if keep_alive > 0 {
+            self.now_ms + conn.keepalive_ms
+        } else {
+            u64::MAX
+        };
+        if protocol == Protocol::V5 {
+            conn.receive_max = properties.receive_maximum.unwrap_or(u16::MAX).max(1);
+            conn.max_packet_out = properties.maximum_packet_size.unwrap_or(u32::MAX);
+        }
+        let mut ack = ConnAck {
+            session_present,
+            reason: ReasonCode::Success,
+            properties: Properties::default(),
+        };
+        if protocol == Protocol::V5 {
+            let p = &mut ack.properties;
+            if assigned {
+                p.assigned_client_identifier = Some(client_id.to_string());
+            }
+            p.receive_maximum = Some(cfg_inflight);
+            p.maximum_packet_size = Some(max_packet);
+            p.retain_available = Some(retain_available as u8);
+            p.shared_subscription_available = Some(0);
+            p.topic_alias_maximum = Some(0);
+            if properties.session_expiry_interval.unwrap_or(0) > expiry_s {
+                p.session_expiry_interval = Some(expiry_s);
+            }
+        }
+        self.send_packet(slot, protocol, &Packet::ConnAck(ack));
+        if session_present {
+            self.resend_inflight(slot, sidx);
+        }
+        self.pump(sidx);
+    }
+
+    fn new_session(&mut self, client_id: Arc<str>, ephemeral: bool) -> u32 {
+        let entry = SessionEntry {
+            session: Session::new(client_id.clone(), ephemeral),
+            conn: None,
+            expires_at_ms: 0,
+        };
+        let idx = match self.free_sessions.pop() {
+            Some(i) => {
+                self.sessions[i as usize] = Some(entry);
+                i
+            }
+            None => {
+                self.sessions.push(Some(entry));
+                (self.sessions.len() - 1) as u32
+            }
+        };
+        self.by_client.insert(client_id, idx);
+        idx
+    }
+
+    fn session(&self, idx: u32) -> &SessionEntry {
+        self.sessions[idx as usize]
+            .as_ref()
+            .expect("live session index")
+    }
+
+    fn session_mut(&mut self, idx: u32) -> &mut SessionEntry {
+        self.sessions[idx as usize]
+            .as_mut()
+            .expect("live session index")
+    }
+
+    /// Ends a session: its subscriptions leave the slice (and routes), its messages are lost.
+    fn destroy_session(&mut self, idx: u32) {
+        let Some(entry) = self.sessions[idx as usize].take() else {
+            return;
+        };
+        debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
+        for sub in &entry.session.subscriptions {
+            self.slice_remove(&sub.filter, idx);
+        }
+        if self.by_client.get(&entry.session.client_id) == Some(&idx) {
+            self.by_client.remove(&entry.session.client_id);
+        }
+        self.free_sessions.push(idx);
+    }
+
+    fn resend_inflight(&mut self, slot: u32, sidx: u32) {
+        // MQTT-4.4.0-1: unacknowledged PUBLISH again with DUP, PUBREL again.
+        let items: Vec<(u16, InflightState, Delivery)> = self
+            .session(sidx)
+            .session
+            .inflight()
+            .map(|i| (i.packet_id, i.state, i.delivery.clone()))
+            .collect();
+        for (pid, state, d) in items {
+            match state {
+                InflightState::AwaitPubComp => {
+                    let p = self.conn_protocol(slot);
+                    self.send_packet(
+                        slot,
+                        p,
+                        &Packet::PubRel(PubResp {
+                            packet_id: pid,
+                            ..Default::default()
+                        }),
+                    );
+                }
+                _ => self.send_publish(slot, pid, &d, true),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- packets of active clients
+
+    fn on_packet(&mut self, slot: u32, gen: u32, packet: Packet) -> Flow {
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return Flow::Stop;
+        };
+        let sidx = conn.session;
+        let protocol = conn.protocol;
+        match packet {
+            Packet::Publish(p) => return self.on_publish(slot, sidx, protocol, p),
+            Packet::PubAck(a) => {
+                self.session_mut(sidx).session.on_puback(a.packet_id);
+                self.pump(sidx);
+            }
+            Packet::PubRec(a) => {
+                let known = self.session_mut(sidx).session.on_pubrec(a.packet_id);
+                let reason = if known {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                if a.reason.is_error() {
+                    // v5: an error PUBREC ends the exchange (MQTT-4.3.3-4 family); forget it.
+                    self.session_mut(sidx).session.on_pubcomp(a.packet_id);
+                    self.pump(sidx);
+                } else {
+                    self.send_packet(
+                        slot,
+                        protocol,
+                        &Packet::PubRel(PubResp {
+                            packet_id: a.packet_id,
+                            reason,
+                            ..Default::default()
+                        }),
+                    );
+                }
+            }
+            Packet::PubRel(a) => {
+                let known = self.session_mut(sidx).session.release_qos2(a.packet_id);
+                let reason = if known {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                self.send_packet(
+                    slot,
+                    protocol,
+                    &Packet::PubComp(PubResp {
+                        packet_id: a.packet_id,
+                        reason,
+                        ..Default::default()
+                    }),
+                );
+            }
+            Packet::PubComp(a) => {
+                self.session_mut(sidx).session.on_pubcomp(a.packet_id);
+                self.pump(sidx);
+            }
+            Packet::Subscribe(s) => self.on_subscribe(slot, gen, sidx, protocol, s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(slot, sidx, protocol, u),
+            Packet::PingReq => self.send_packet(slot, protocol, &Packet::PingResp),
+            Packet::Disconnect(d) => {
+                // MQTT-3.14.4-3: a normal DISCONNECT discards the will, except v5 0x04.
+                if d.reason != ReasonCode::DisconnectWithWillMessage {
+                    if let Some(conn) = self.conns.get_mut(slot, gen) {
+                        conn.will = None;
+                    }
+                }
+                self.close(slot, Close::Graceful);
+                return Flow::Stop;
+            }
+            Packet::Connect(_) => {
+                // MQTT-3.1.0-2: a second CONNECT is a protocol violation.
+                log::info!("shard {}: second CONNECT; closing", self.id);
+                self.protocol_error(slot, ReasonCode::ProtocolError);
+                return Flow::Stop;
+            }
+            Packet::Auth(_) => {
+                self.protocol_error(slot, ReasonCode::BadAuthenticationMethod);
+                return Flow::Stop;
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_error(slot, ReasonCode::ProtocolError);
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_publish(&mut self, slot: u32, sidx: u32, protocol: Protocol, p: Publish) -> Flow {
+        Metrics::add(&self.shared.metrics.messages_received, 1);
+        if let Err(e) = topic::validate_name(&p.topic, self.cfg().max_topic_levels) {
+            // MQTT-3.3.2-2: wildcards are not allowed in a topic name.
+            log::info!(
+                "shard {}: invalid PUBLISH topic {:?}: {e:?}",
+                self.id,
+                p.topic
+            );
+            self.protocol_error(slot, ReasonCode::TopicNameInvalid);
+            return Flow::Stop;
+        }
+        let route = match p.qos {
+            QoS::AtMostOnce | QoS::AtLeastOnce => true,
+            QoS::ExactlyOnce => self.session_mut(sidx).session.incoming_qos2(p.packet_id),
+        };
+        if route && !p.topic.starts_with("$SYS") {
+            let publisher = self.session(sidx).session.client_id.clone();
+            let msg = Arc::new(message_from(p.clone(), publisher));
+            if msg.retain && self.cfg().retain_available {
+                self.set_retained(&msg);
+            }
+            self.route(msg);
+        }
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send_packet(
+                slot,
+                protocol,
+                &Packet::PubAck(PubResp {
+                    packet_id: p.packet_id,
+                    ..Default::default()
+                }),
+            ),
+            QoS::ExactlyOnce => self.send_packet(
+                slot,
+                protocol,
+                &Packet::PubRec(PubResp {
+                    packet_id: p.packet_id,
+                    ..Default::default()
+                }),
+            ),
+        }
+        Flow::Continue
+    }
+
+    fn on_subscribe(&mut self, slot: u32, gen: u32, sidx: u32, protocol: Protocol, s: Subscribe) {
+        let max_levels = self.cfg().max_topic_levels;
+        let max_subs = self.cfg().max_subscriptions;
+        let sub_id = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut new_routes = 0usize;
+        let token = self.next_token;
+        let mut retained = Vec::new();
+        for (filter, options) in s.filters {
+            let reason = if filter.starts_with("$share/") || filter.starts_with("$queue/") {
+                ReasonCode::SharedSubscriptionsNotSupported
+            } else {
+                match topic::validate_filter(&filter, max_levels) {
+                    Err(TopicError::TooManyLevels) => ReasonCode::TopicFilterInvalid,
+                    Err(_) => ReasonCode::TopicFilterInvalid,
+                    Ok(()) => {
+                        let session = &self.session(sidx).session;
+                        let exists = session.subscriptions.iter().any(|x| *x.filter == *filter);
+                        if !exists && max_subs > 0 && session.subscriptions.len() >= max_subs {
+                            ReasonCode::QuotaExceeded
+                        } else {
+                            let filter: Arc<str> = filter.into();
+                            if self.subscribe_one(sidx, filter.clone(), options, sub_id, token) {
+                                new_routes += 1;
+                            }
+                            let send = match options.retain_handling {
+                                RetainHandling::SendAtSubscribe => true,
+                                RetainHandling::SendIfNew => !exists,
+                                RetainHandling::DoNotSend => false,
+                            };
+                            if send {
+                                retained.push((filter, options, sub_id));
+                            }
+                            ReasonCode::granted(options.qos)
+                        }
+                    }
+                }
+            };
+            reasons.push(reason);
+        }
+        let suback = SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Properties::default(),
+        };
+        let others = self.mesh.shards() - 1;
+        if new_routes > 0 && others > 0 {
+            self.next_token += 1;
+            self.pending_subacks.insert(
+                token,
+                PendingSubAck {
+                    slot,
+                    gen,
+                    suback,
+                    retained,
+                    waiting: new_routes * others,
+                },
+            );
+        } else {
+            self.finish_subscribe(slot, protocol, sidx, suback, retained);
+        }
+    }
+
+    fn finish_subscribe(
+        &mut self,
+        slot: u32,
+        protocol: Protocol,
+        sidx: u32,
+        suback: SubAck,
+        retained: Vec<(Arc<str>, SubscriptionOptions, Option<u32>)>,
+    ) {
+        self.send_packet(slot, protocol, &Packet::SubAck(suback));
+        for (filter, options, id) in retained {
+            let matching: Vec<Arc<Message>> = if topic::is_wildcard(&filter) {
+                self.retained
+                    .values()
+                    .filter(|m| topic::matches(&filter, &m.topic))
+                    .cloned()
+                    .collect()
+            } else {
+                self.retained.get(&*filter).cloned().into_iter().collect()
+            };
+            for msg in matching {
+                let d = Delivery {
+                    qos: msg.qos.min(options.qos),
+                    // MQTT-3.3.1-8: retained messages sent on subscribe carry retain = 1.
+                    retain: true,
+                    sub_ids: id.into_iter().collect(),
+                    msg,
+                };
+                self.deliver(sidx, d);
+            }
+        }
+    }
+
+    /// Adds one subscription; returns true if the filter is new on this shard and a route
+    /// change went out to the other shards carrying `token`.
+    fn subscribe_one(
+        &mut self,
+        sidx: u32,
+        filter: Arc<str>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        token: u64,
+    ) -> bool {
+        let session = &mut self.session_mut(sidx).session;
+        match session
+            .subscriptions
+            .iter_mut()
+            .find(|x| x.filter == filter)
+        {
+            Some(existing) => {
+                existing.options = options;
+                existing.id = id;
+            }
+            None => session.subscriptions.push(Subscription {
+                filter: filter.clone(),
+                options,
+                id,
+            }),
+        }
+        let list = self.slice.get_or_insert_with(&filter, SmallVec::new);
+        let fresh = list.is_empty();
+        match list.iter_mut().find(|s| s.session == sidx) {
+            Some(s) => {
+                s.options = options;
+                s.id = id;
+            }
+            None => list.push(Subscriber {
+                session: sidx,
+                options,
+                id,
+            }),
+        }
+        if !fresh {
+            return false;
+        }
+        self.routes
+            .get_or_insert_with(&filter, ShardSet::default)
+            .insert(self.id);
+        for to in 0..self.mesh.shards() {
+            if to != self.id {
+                let msg = MeshMsg::RouteAdd {
+                    filter: filter.clone(),
+                    shard: self.id as u16,
+                    ack: token,
+                };
+                self.mesh.send(to, msg);
+            }
+        }
+        true
+    }
+
+    fn on_unsubscribe(&mut self, slot: u32, sidx: u32, protocol: Protocol, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let session = &mut self.session_mut(sidx).session;
+            let found = session
+                .subscriptions
+                .iter()
+                .position(|s| *s.filter == **filter);
+            match found {
+                Some(i) => {
+                    session.subscriptions.swap_remove(i);
+                    self.slice_remove(filter, sidx);
+                    reasons.push(ReasonCode::Success);
+                }
+                None => reasons.push(ReasonCode::NoSubscriptionExisted),
+            }
+        }
+        let ack = UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Properties::default(),
+        };
+        self.send_packet(slot, protocol, &Packet::UnsubAck(ack));
+    }
+
+    /// Removes one session from a filter's subscriber list; withdraws the route if it was the
+    /// last subscriber of that filter on this shard.
+    fn slice_remove(&mut self, filter: &str, sidx: u32) {
+        let Some(list) = self.slice.get_mut(filter) else {
+            return;
+        };
+        list.retain(|s| s.session != sidx);
+        if !list.is_empty() {
+            return;
+        }
+        self.slice.remove(filter);
+        self.route_del(filter, self.id);
+        let filter: Arc<str> = filter.into();
+        for to in 0..self.mesh.shards() {
+            if to != self.id {
+                self.mesh.send(
+                    to,
+                    MeshMsg::RouteDel {
+                        filter: filter.clone(),
+                        shard: self.id as u16,
+                    },
+                );
+            }
+        }
+    }
+
+    fn route_del(&mut self, filter: &str, shard: usize) {
+        if let Some(set) = self.routes.get_mut(filter) {
+            set.remove(shard);
+            if set.is_empty() {
+                self.routes.remove(filter);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- routing and delivery
+
+    /// Sends a message to every shard with a matching route (this one included).
+    fn route(&mut self, msg: Arc<Message>) {
+        let mut targets = ShardSet::default();
+        self.routes
+            .for_each_match(&msg.topic, |s| targets.union_with(s));
+        for shard in targets.iter() {
+            if shard != self.id {
+                self.mesh.send(shard, MeshMsg::Publish(msg.clone()));
+            }
+        }
+        if targets.contains(self.id) {
+            self.deliver_local(&msg);
+        }
+    }
+
+    /// Delivers to this shard's matching sessions: one copy per session at the highest QoS of
+    /// its matching subscriptions, with all their subscription ids (MQTT-3.3.4-2/3).
+    fn deliver_local(&mut self, msg: &Arc<Message>) {
+        let mut matched: SmallVec<[Subscriber; 8]> = SmallVec::new();
+        self.slice
+            .for_each_match(&msg.topic, |list| matched.extend(list.iter().copied()));
+        if matched.is_empty() {
+            return;
+        }
+        matched.sort_unstable_by_key(|s| s.session);
+        let mut i = 0;
+        while i < matched.len() {
+            let sidx = matched[i].session;
+            let mut qos = QoS::AtMostOnce;
+            let mut retain_as_published = false;
+            let mut sub_ids: SmallVec<[u32; 1]> = SmallVec::new();
+            let mut any = false;
+            while i < matched.len() && matched[i].session == sidx {
+                let s = matched[i];
+                i += 1;
+                if s.options.no_local && *self.session(sidx).session.client_id == *msg.publisher {
+                    continue;
+                }
+                any = true;
+                qos = qos.max(s.options.qos);
+                retain_as_published |= s.options.retain_as_published;
+                if let Some(id) = s.id {
+                    sub_ids.push(id);
+                }
+            }
+            if !any {
+                continue;
+            }
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: msg.qos.min(qos),
+                // MQTT-3.3.1-9: live messages go out with retain 0 unless retain-as-published.
+                retain: retain_as_published && msg.retain,
+                sub_ids,
+            };
+            self.deliver(sidx, d);
+        }
+    }
+
+    /// Sends a delivery now if the session's connection and window allow, else queues it.
+    fn deliver(&mut self, sidx: u32, d: Delivery) {
+        let (max_queued, policy, queue_qos0) = {
+            let c = self.cfg();
+            (c.max_queued_messages, c.queue_drop_policy, c.queue_qos0)
+        };
+        let window = self.window(sidx);
+        let entry = self.session_mut(sidx);
+        let conn_slot = entry.conn;
+        if conn_slot.is_none() && d.qos == QoS::AtMostOnce && !queue_qos0 {
+            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            return;
+        }
+        let out_ok = match conn_slot {
+            Some(slot) => self
+                .conns
+                .get_slot(slot)
+                .map(|c| c.out_bytes < OUT_HIGH_WATER_BYTES)
+                .unwrap_or(false),
+            None => false,
+        };
+        let entry = self.session_mut(sidx);
+        if let (Some(slot), true) = (
+            conn_slot,
+            out_ok && entry.session.can_send_now(d.qos, window),
+        ) {
+            let pid = if d.qos == QoS::AtMostOnce {
+                0
+            } else {
+                entry.session.start_inflight(d.clone())
+            };
+            self.send_publish(slot, pid, &d, false);
+            return;
+        }
+        if entry.session.enqueue(d, max_queued, policy) != Enqueued::Queued {
+            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+        }
+    }
+
+    /// The in-flight window of a session's current connection.
+    fn window(&mut self, sidx: u32) -> usize {
+        let cfg = self.cfg().max_inflight as usize;
+        match self.session(sidx).conn {
+            Some(slot) => self
+                .conns
+                .get_slot(slot)
+                .map(|c| cfg.min(c.receive_max as usize))
+                .unwrap_or(cfg),
+            None => cfg,
+        }
+    }
+
+    /// Moves queued messages to the connection while window and socket allow.
+    fn pump(&mut self, sidx: u32) {
+        let Some(slot) = self.session(sidx).conn else {
+            return;
+        };
+        let window = self.window(sidx);
+        loop {
+            let full = self
+                .conns
+                .get_slot(slot)
+                .map(|c| c.out_bytes >= OUT_HIGH_WATER_BYTES)
+                .unwrap_or(true);
+            if full {
+                return;
+            }
+            let Some((pid, d)) = self.session_mut(sidx).session.next_to_send(window) else {
+                return;
+            };
+            self.send_publish(slot, pid, &d, false);
+        }
+    }
+
+    fn send_publish(&mut self, slot: u32, packet_id: u16, d: &Delivery, dup: bool) {
+        let Some(conn) = self.conns.get_slot(slot) else {
+            return;
+        };
+        let protocol = conn.protocol;
+        let max_out = conn.max_packet_out;
+        let mut properties = Properties::default();
+        if protocol == Protocol::V5 {
+            if let Some(p) = &d.msg.properties {
+                properties = (**p).clone();
+            }
+            properties.subscription_identifiers = d.sub_ids.to_vec();
+        }
+        let publish = Publish {
+            dup: dup && d.qos != QoS::AtMostOnce,
+            qos: d.qos,
+            retain: d.retain,
+            topic: d.msg.topic.to_string(),
+            packet_id,
+            payload: d.msg.payload.clone(),
+            properties,
+        };
+        let header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
+        let header = self.scratch.split().freeze();
+        if (header_len + publish.payload.len()) as u64 > max_out as u64 {
+            // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
+            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            if packet_id != 0 {
+                if let Some(sidx) = self.conns.get_slot(slot).map(|c| c.session) {
+                    let s = &mut self.session_mut(sidx).session;
+                    s.on_puback(packet_id);
+                    s.on_pubcomp(packet_id);
+                    s.on_pubrec(packet_id);
+                    s.on_pubcomp(packet_id);
+                }
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_slot(slot) else {
+            return;
+        };
+        conn.push(header);
+        conn.push(publish.payload);
+        Metrics::add(&self.shared.metrics.messages_sent, 1);
+        self.mark_dirty(slot);
+    }
+
+    fn set_retained(&mut self, msg: &Arc<Message>) {
+        let value = if msg.payload.is_empty() {
+            None
+        } else {
+            Some(msg.clone())
+        };
+        self.apply_retained(msg.topic.clone(), value.clone());
+        for to in 0..self.mesh.shards() {
+            if to != self.id {
+                self.mesh.send(
+                    to,
+                    MeshMsg::Retain {
+                        topic: msg.topic.clone(),
+                        msg: value.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn apply_retained(&mut self, topic: Arc<str>, msg: Option<Arc<Message>>) {
+        match msg {
+            Some(m) => {
+                self.retained.insert(topic, m);
+            }
+            None => {
+                self.retained.remove(&topic);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- mesh
+
+    fn on_mesh(&mut self, m: MeshMsg) {
+        match m {
+            MeshMsg::Publish(msg) => self.deliver_local(&msg),
+            MeshMsg::RouteAdd { filter, shard, ack } => {
+                self.routes
+                    .get_or_insert_with(&filter, ShardSet::default)
+                    .insert(shard as usize);
+                self.mesh
+                    .send(shard as usize, MeshMsg::RouteAck { token: ack });
+            }
+            MeshMsg::RouteAck { token } => self.on_route_ack(token),
+            MeshMsg::RouteDel { filter, shard } => self.route_del(&filter, shard as usize),
+            MeshMsg::Retain { topic, msg } => self.apply_retained(topic, msg),
+            MeshMsg::Handoff(h) => self.on_handoff(*h),
+            MeshMsg::Shutdown => self.shared.shutdown.store(true, Ordering::Relaxed),
+        }
+    }
+
+    fn on_route_ack(&mut self, token: u64) {
+        let Some(p) = self.pending_subacks.get_mut(&token) else {
+            return;
+        };
+        p.waiting -= 1;
+        if p.waiting > 0 {
+            return;
+        }
+        let p = self.pending_subacks.remove(&token).expect("present above");
+        let Some(conn) = self.conns.get_mut(p.slot, p.gen) else {
+            return;
+        };
+        let (protocol, sidx) = (conn.protocol, conn.session);
+        self.finish_subscribe(p.slot, protocol, sidx, p.suback, p.retained);
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    fn on_timer(&mut self, token: u64) {
+        if token & TIMER_SESSION != 0 {
+            let sidx = (token & !TIMER_SESSION) as u32;
+            let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
+                return;
+            };
+            if entry.conn.is_some() {
+                return;
+            }
+            if entry.expires_at_ms <= self.now_ms {
+                log::debug!(
+                    "shard {}: session {:?} expired",
+                    self.id,
+                    entry.session.client_id
+                );
+                self.destroy_session(sidx);
+            } else {
+                let at = entry.expires_at_ms;
+                self.timers.schedule(at, token);
+            }
+            return;
+        }
+        let (slot, gen) = (token as u32, (token >> 32) as u32);
+        let now = self.now_ms;
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
+        };
+        if conn.deadline_ms == u64::MAX {
+            return;
+        }
+        if conn.deadline_ms > now {
+            let at = conn.deadline_ms;
+            self.timers.schedule(at, token);
+            return;
+        }
+        let reason = match conn.state {
+            ConnState::Connecting => {
+                log::info!("shard {}: CONNECT not completed in time; closing", self.id);
+                ReasonCode::MaximumConnectTime
+            }
+            ConnState::Active => {
+                log::info!("shard {}: keep-alive expired; closing", self.id);
+                ReasonCode::KeepAliveTimeout
+            }
+        };
+        self.close(slot, Close::Error(reason));
+    }
+
+    // ---------------------------------------------------------------- output and closing
+
+    fn conn_protocol(&mut self, slot: u32) -> Protocol {
+        self.conns
+            .get_slot(slot)
+            .map(|c| c.protocol)
+            .unwrap_or(Protocol::V311)
+    }
+
+    fn send_packet(&mut self, slot: u32, protocol: Protocol, packet: &Packet) {
+        encode(packet, protocol, &mut self.scratch);
+        let bytes: Bytes = self.scratch.split().freeze();
+        if let Some(conn) = self.conns.get_slot(slot) {
+            conn.push(bytes);
+            self.mark_dirty(slot);
+        }
+    }
+
+    fn mark_dirty(&mut self, slot: u32) {
+        if let Some(conn) = self.conns.get_slot(slot) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.flush_list.push(slot);
+            }
+        }
+    }
+
+    fn flush_conns(&mut self) {
+        let list = std::mem::take(&mut self.flush_list);
+        for &slot in &list {
+            let gen = self.conns.gen(slot);
+            let Some(conn) = self.conns.get_mut(slot, gen) else {
+                continue;
+            };
+            conn.dirty = false;
+            if conn.write_blocked {
+                continue;
+            }
+            let before = conn.out_bytes;
+            match conn.flush() {
+                Ok(done) => {
+                    let written = before - conn.out_bytes;
+                    Metrics::add(&self.shared.metrics.bytes_sent, written as u64);
+                    if !done {
+                        conn.write_blocked = true;
+                        let fd = conn.raw_fd();
+                        self.ring.poll_writable(fd, slot, gen);
+                    } else if conn.state == ConnState::Active {
+                        // The socket drained: let queued messages follow.
+                        let sidx = conn.session;
+                        if self.session(sidx).session.queue_len() > 0 {
+                            self.pump(sidx);
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::debug!("shard {}: write failed: {e}", self.id);
+                    self.close(slot, Close::Abnormal);
+                }
+            }
+        }
+        let mut list = list;
+        list.clear();
+        if self.flush_list.is_empty() {
+            self.flush_list = list;
+        }
+    }
+
+    /// Closes a connection: sends what the reason calls for, publishes the will if due, and
+    /// detaches (or ends) its session.
+    fn close(&mut self, slot: u32, why: Close) {
+        let Some(conn) = self.conns.get_slot(slot) else {
+            return;
+        };
+        let protocol = conn.protocol;
+        let active = conn.state == ConnState::Active;
+        if active && protocol == Protocol::V5 {
+            let reason = match why {
+                Close::Error(r) => Some(r),
+                Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+                Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
+                Close::Graceful | Close::Abnormal => None,
+            };
+            if let Some(reason) = reason {
+                self.send_packet(
+                    slot,
+                    protocol,
+                    &Packet::Disconnect(Disconnect {
+                        reason,
+                        properties: Properties::default(),
+                    }),
+                );
+            }
+        }
+        let Some(mut conn) = self.conns.remove(slot) else {
+            return;
+        };
+        // Best effort: the last packets (CONNACK refusal, DISCONNECT) before the FIN.
+        let _ = conn.flush();
+        // SAFETY: shutdown on a descriptor we own; it ends any pending receive on the ring,
+        // whose completion is then ignored by generation.
+        unsafe {
+            libc::shutdown(conn.raw_fd(), libc::SHUT_RDWR);
+        }
+        self.shared
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        if !active {
+            return;
+        }
+        let will = match why {
+            Close::Abnormal | Close::Error(_) => conn.will.take(),
+            Close::Graceful => conn.will.take(), // only kept for v5 reason 0x04
+            Close::TakenOver | Close::Shutdown => None,
+        };
+        let sidx = conn.session;
+        drop(conn);
+        if let Some(will) = will {
+            let publisher = self.session(sidx).session.client_id.clone();
+            let will = *will;
+            let properties = (protocol == Protocol::V5 && !will.properties.is_empty())
+                .then(|| Box::new(will.properties));
+            let msg = Arc::new(Message {
+                topic: will.topic.as_str().into(),
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                properties,
+                publisher,
+            });
+            if msg.retain && self.cfg().retain_available {
+                self.set_retained(&msg);
+            }
+            self.route(msg);
+        }
+        let now = self.now_ms;
+        let entry = self.session_mut(sidx);
+        if entry.conn != Some(slot) {
+            return;
+        }
+        entry.conn = None;
+        if entry.session.ephemeral {
+            self.destroy_session(sidx);
+        } else {
+            let at = now + entry.expires_at_ms;
+            entry.expires_at_ms = at;
+            self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for slot in self.conns.live_slots() {
+            self.close(slot, Close::Shutdown);
+        }
+        log::debug!("shard {} stopped", self.id);
+    }
+}
+
+fn conn_token(slot: u32, gen: u32) -> u64 {
+    ((gen as u64) << 32) | slot as u64
+}
+
+fn message_from(p: Publish, publisher: Arc<str>) -> Message {
+    let properties = if p.properties.is_empty() {
+        None
+    } else {
+        let mut props = p.properties;
+        // Per-hop properties are not forwarded (MQTT-3.3.2-8, 3.3.4-6).
+        props.topic_alias = None;
+        props.subscription_identifiers.clear();
+        (!props.is_empty()).then(|| Box::new(props))
+    };
+    Message {
+        topic: p.topic.into(),
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        properties,
+        publisher,
+    }
+}
+
+fn set_nodelay(fd: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a live int on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
