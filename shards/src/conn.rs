@@ -213,3 +213,16 @@ impl ConnSlab {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connection_state_fits_its_memory_budget() {
+        // The idle-connection budget is 512 B of user memory including the session; the
+        // socket state itself must leave most of it to the session.
+        let size = std::mem::size_of::<(u32, Option<Conn>)>();
+        assert!(size <= 192, "Conn slot grew to {size} bytes");
+    }
+}

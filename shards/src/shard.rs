@@ -1507,3 +1507,24 @@ fn set_nodelay(fd: &OwnedFd) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_spreads() {
+        assert_eq!(home_shard("client-1", 8), home_shard("client-1", 8));
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[home_shard(&format!("c{i}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn session_entry_fits_its_memory_budget() {
+        let size = std::mem::size_of::<Option<SessionEntry>>();
+        assert!(size <= 256, "SessionEntry grew to {size} bytes");
+    }
+}
