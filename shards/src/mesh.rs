@@ -155,6 +155,11 @@ impl MeshEndpoint {
         }
     }
 
+    /// Messages for shard `to` waiting in local overflow because its queue is full.
+    pub fn backlog(&self, to: usize) -> usize {
+        self.overflow[to].len()
+    }
+
     /// Moves overflow into the queues and rings the shards that were sent to and are asleep.
     /// Returns true if some overflow is still waiting (the caller must not sleep long).
     pub fn flush(&mut self) -> bool {

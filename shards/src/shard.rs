@@ -38,6 +38,9 @@ use std::time::{Duration, Instant};
 const OUT_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// Mesh messages handled per turn before looking at sockets again.
 const MESH_BUDGET: usize = 4096;
+/// Mesh overflow towards one shard beyond which QoS 0 messages to it are dropped (counted), so
+/// a publisher flood cannot grow memory without bound; QoS 1/2 are still carried.
+const MESH_QOS0_DROP_BACKLOG: usize = 65_536;
 /// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
 const TIMER_SESSION: u64 = 1 << 63;
 
@@ -1020,9 +1023,14 @@ impl Shard {
         self.routes
             .for_each_match(&msg.topic, |s| targets.union_with(s));
         for shard in targets.iter() {
-            if shard != self.id {
-                self.mesh.send(shard, MeshMsg::Publish(msg.clone()));
+            if shard == self.id {
+                continue;
             }
+            if msg.qos == QoS::AtMostOnce && self.mesh.backlog(shard) > MESH_QOS0_DROP_BACKLOG {
+                Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                continue;
+            }
+            self.mesh.send(shard, MeshMsg::Publish(msg.clone()));
         }
         if targets.contains(self.id) {
             self.deliver_local(&msg);
