@@ -199,7 +199,7 @@ impl Shard {
             }
             self.flush_conns();
             let backlog = self.mesh.flush();
-            let wait = !busy && !backlog && self.mesh.park();
+            let wait = !busy && !backlog && self.flush_list.is_empty() && self.mesh.park();
             self.ring
                 .submit_and_collect(wait, Duration::from_millis(TICK_MS), &mut completions)?;
             if wait {
