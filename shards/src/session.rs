@@ -209,6 +209,11 @@ impl Session {
         }
     }
 
+    /// Forgets an in-flight message that will never be sent (too large for the client).
+    pub fn abandon(&mut self, packet_id: u16) {
+        self.inflight.retain(|i| i.packet_id != packet_id);
+    }
+
     /// In-flight messages, oldest first, to resend on session resume (MQTT-4.4.0-1).
     pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
         self.inflight.iter()
