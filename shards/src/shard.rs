@@ -768,36 +768,28 @@ impl Shard {
             self.protocol_error(slot, ReasonCode::TopicNameInvalid);
             return Flow::Stop;
         }
-        let route = match p.qos {
+        let (qos, packet_id) = (p.qos, p.packet_id);
+        let route = match qos {
             QoS::AtMostOnce | QoS::AtLeastOnce => true,
-            QoS::ExactlyOnce => self.session_mut(sidx).session.incoming_qos2(p.packet_id),
+            QoS::ExactlyOnce => self.session_mut(sidx).session.incoming_qos2(packet_id),
         };
+        // Clients may not publish into $SYS (EMQX ignores such messages too).
         if route && !p.topic.starts_with("$SYS") {
             let publisher = self.session(sidx).session.client_id.clone();
-            let msg = Arc::new(message_from(p.clone(), publisher));
+            let msg = Arc::new(message_from(p, publisher));
             if msg.retain && self.cfg().retain_available {
                 self.set_retained(&msg);
             }
             self.route(msg);
         }
-        match p.qos {
+        let ack = PubResp {
+            packet_id,
+            ..Default::default()
+        };
+        match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send_packet(
-                slot,
-                protocol,
-                &Packet::PubAck(PubResp {
-                    packet_id: p.packet_id,
-                    ..Default::default()
-                }),
-            ),
-            QoS::ExactlyOnce => self.send_packet(
-                slot,
-                protocol,
-                &Packet::PubRec(PubResp {
-                    packet_id: p.packet_id,
-                    ..Default::default()
-                }),
-            ),
+            QoS::AtLeastOnce => self.send_packet(slot, protocol, &Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.send_packet(slot, protocol, &Packet::PubRec(ack)),
         }
         Flow::Continue
     }
@@ -1184,11 +1176,7 @@ impl Shard {
             Metrics::add(&self.shared.metrics.messages_dropped, 1);
             if packet_id != 0 {
                 if let Some(sidx) = self.conns.get_slot(slot).map(|c| c.session) {
-                    let s = &mut self.session_mut(sidx).session;
-                    s.on_puback(packet_id);
-                    s.on_pubcomp(packet_id);
-                    s.on_pubrec(packet_id);
-                    s.on_pubcomp(packet_id);
+                    self.session_mut(sidx).session.abandon(packet_id);
                 }
             }
             return;
