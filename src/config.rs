@@ -263,6 +263,17 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
             ))
         }
     };
+    let strategy_key = "mqtt.shared_subscription_strategy";
+    let shared_strategy = shardmq_shards::shared::Strategy::parse(string(t, strategy_key))
+        .ok_or_else(|| {
+            bad(
+                strategy_key,
+                format!(
+                    "{:?} is not one of round_robin, random, hash_clientid, hash_topic, sticky",
+                    string(t, strategy_key)
+                ),
+            )
+        })?;
     let log_level = match string(t, "log.level") {
         "error" => log::LevelFilter::Error,
         "warn" => log::LevelFilter::Warn,
@@ -295,6 +306,9 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         session_expiry_interval_s: int(t, "mqtt.session_expiry_interval_s", 0, i64::from(u32::MAX))?
             as u32,
         retain_available: boolean(t, "mqtt.retain_available"),
+        shared_subscription: boolean(t, "mqtt.shared_subscription"),
+        shared_strategy,
+        sys_interval_s: int(t, "sys.interval_s", 0, 86_400)? as u64,
     };
     Ok(Settings {
         broker,

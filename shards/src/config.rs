@@ -1,5 +1,6 @@
 //! The settings a shard runs with, already validated by the binary's config loader.
 
+use crate::shared::Strategy;
 use std::net::SocketAddr;
 
 /// What a full session queue gives up.
@@ -46,6 +47,12 @@ pub struct BrokerConfig {
     pub session_expiry_interval_s: u32,
     /// Whether retained messages are stored.
     pub retain_available: bool,
+    /// Whether `$share/` and `$queue/` subscriptions are accepted.
+    pub shared_subscription: bool,
+    /// How a shared group picks a member.
+    pub shared_strategy: Strategy,
+    /// Interval of `$SYS` publications in seconds (0 = none).
+    pub sys_interval_s: u64,
 }
 
 impl Default for BrokerConfig {
@@ -67,6 +74,9 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 15_000,
             session_expiry_interval_s: 7200,
             retain_available: true,
+            shared_subscription: true,
+            shared_strategy: Strategy::RoundRobin,
+            sys_interval_s: 60,
         }
     }
 }

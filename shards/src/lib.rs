@@ -7,6 +7,7 @@
 //! - [`shard`]: the event loop and the MQTT semantics (connect, publish, subscribe, takeover).
 //! - [`session`]: per-client state (in-flight window, bounded queue, QoS 2 ids), sans-IO.
 //! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
+//! - [`shared`]: shared subscription groups and member picking.
 //! - [`mesh`]: the only way shards talk to each other.
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
@@ -20,6 +21,7 @@ pub mod ring;
 pub mod session;
 pub mod shard;
 pub mod shard_set;
+pub mod shared;
 pub mod timer;
 pub mod topic;
 pub mod topic_index;

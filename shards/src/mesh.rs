@@ -7,6 +7,7 @@
 //! its ring says so in [`Doorbell::parked`]; senders ring its eventfd only then.
 
 use crate::message::Message;
+use crate::shared::Member;
 use crossbeam_queue::ArrayQueue;
 use shardmq_net::Connect;
 use std::collections::VecDeque;
@@ -32,6 +33,43 @@ pub enum MeshMsg {
     Retain {
         topic: Arc<str>,
         msg: Option<Arc<Message>>,
+    },
+    /// A session joined shared group `key`; sent to the group's owner shard.
+    ShareJoin { key: Arc<str>, member: Member },
+    /// Session `session` of `shard` left shared group `key`; sent to the owner.
+    ShareLeave {
+        key: Arc<str>,
+        shard: u16,
+        session: u32,
+    },
+    /// `shard` has members of group `key` on `filter`; reply RouteAck. The group is owned by
+    /// the home shard of `key`.
+    ShareRouteAdd {
+        filter: Arc<str>,
+        key: Arc<str>,
+        shard: u16,
+        ack: u64,
+    },
+    /// `shard` has no member of group `key` left.
+    ShareRouteDel {
+        filter: Arc<str>,
+        key: Arc<str>,
+        shard: u16,
+    },
+    /// To the owner of `key`: pick a member not in `tried` for `msg`.
+    SharedPublish {
+        key: Arc<str>,
+        msg: Arc<Message>,
+        tried: Vec<(u16, u32)>,
+    },
+    /// To a member's shard: deliver unless the member is gone, offline or full (then send
+    /// SharedPublish back with this member added to `tried`); `force` queues regardless.
+    SharedDeliver {
+        key: Arc<str>,
+        msg: Arc<Message>,
+        member: Member,
+        tried: Vec<(u16, u32)>,
+        force: bool,
     },
     /// A connection whose CONNECT arrived here but whose client id lives on the receiver.
     Handoff(Box<Handoff>),

@@ -19,6 +19,9 @@ pub struct Delivery {
     pub retain: bool,
     /// v5 subscription identifiers of every matching subscription.
     pub sub_ids: SmallVec<[u32; 1]>,
+    /// The shared subscription (`$share/g/f`) it came through, so it can be handed to another
+    /// member if this one leaves before acknowledging it.
+    pub share: Option<Arc<str>>,
 }
 
 /// Where an unacknowledged outgoing message stands (MQTT 4.3).
@@ -214,6 +217,28 @@ impl Session {
         self.inflight.retain(|i| i.packet_id != packet_id);
     }
 
+    /// Removes every unacknowledged or queued delivery that came through a shared
+    /// subscription, for redispatch to another member (PUBREL-stage ones stay: the member
+    /// already has the message).
+    pub fn take_shared(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        self.inflight.retain(|i| {
+            if i.delivery.share.is_some() && i.state != InflightState::AwaitPubComp {
+                out.push(i.delivery.clone());
+                return false;
+            }
+            true
+        });
+        self.queue.retain(|d| {
+            if d.share.is_some() {
+                out.push(d.clone());
+                return false;
+            }
+            true
+        });
+        out
+    }
+
     /// In-flight messages, oldest first, to resend on session resume (MQTT-4.4.0-1).
     pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
         self.inflight.iter()
@@ -271,6 +296,7 @@ mod tests {
             qos,
             retain: false,
             sub_ids: SmallVec::new(),
+            share: None,
         }
     }
 
@@ -357,6 +383,21 @@ mod tests {
         s.next_packet_id = u16::MAX;
         let c = s.start_inflight(delivery(3, QoS::AtLeastOnce));
         assert_eq!(c, 2);
+    }
+
+    #[test]
+    fn shared_deliveries_are_taken_back_unless_released() {
+        let mut s = Session::new("c".into(), false);
+        let mut d = delivery(1, QoS::ExactlyOnce);
+        d.share = Some("$share/g/t".into());
+        let released = s.start_inflight(d.clone());
+        s.on_pubrec(released);
+        s.start_inflight(d.clone());
+        s.enqueue(d, 10, DropPolicy::DropOldest);
+        s.enqueue(delivery(2, QoS::AtLeastOnce), 10, DropPolicy::DropOldest);
+        assert_eq!(s.take_shared().len(), 2);
+        assert_eq!(s.inflight_len(), 1, "the PUBREL-stage message stays");
+        assert_eq!(s.queue_len(), 1, "the non-shared message stays");
     }
 
     #[test]

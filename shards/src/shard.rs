@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
 use crate::shard_set::ShardSet;
+use crate::shared::{self, Group, Member};
 use crate::timer::{TimerWheel, TICK_MS};
 use crate::topic::{self, TopicError};
 use crate::topic_index::TopicIndex;
@@ -67,6 +68,12 @@ struct Subscriber {
     id: Option<u32>,
 }
 
+/// A shared group with members on some shards, as seen in every shard's route replica.
+struct ShareRoute {
+    key: Arc<str>,
+    shards: ShardSet,
+}
+
 /// A SUBACK held back until every other shard has applied this shard's new routes, so that a
 /// publish made anywhere after the client sees SUBACK reaches it.
 struct PendingSubAck {
@@ -112,6 +119,12 @@ pub struct Shard {
     slice: TopicIndex<SmallVec<[Subscriber; 2]>>,
     routes: TopicIndex<ShardSet>,
     retained: AHashMap<Arc<str>, Arc<Message>>,
+    /// Shared groups whose owner is this shard (key = the full `$share/g/f` filter).
+    groups: AHashMap<Arc<str>, Group>,
+    /// Local members per shared group key.
+    share_local: AHashMap<Arc<str>, usize>,
+    /// Route replica of shared groups: real filter → groups with members somewhere.
+    share_routes: TopicIndex<SmallVec<[ShareRoute; 1]>>,
     timers: TimerWheel,
     pending_subacks: AHashMap<u64, PendingSubAck>,
     next_token: u64,
@@ -156,6 +169,9 @@ impl Shard {
             slice: TopicIndex::default(),
             routes: TopicIndex::default(),
             retained: AHashMap::default(),
+            groups: AHashMap::default(),
+            share_local: AHashMap::default(),
+            share_routes: TopicIndex::default(),
             timers: TimerWheel::new(0),
             pending_subacks: AHashMap::default(),
             next_token: 1,
@@ -581,7 +597,7 @@ impl Shard {
             p.receive_maximum = Some(cfg_inflight);
             p.maximum_packet_size = Some(max_packet);
             p.retain_available = Some(retain_available as u8);
-            p.shared_subscription_available = Some(0);
+            p.shared_subscription_available = Some(self.shared.cfg.shared_subscription as u8);
             p.topic_alias_maximum = Some(0);
             if properties.session_expiry_interval.unwrap_or(0) > expiry_s {
                 p.session_expiry_interval = Some(expiry_s);
@@ -633,7 +649,11 @@ impl Shard {
         };
         debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
         for sub in &entry.session.subscriptions {
-            self.slice_remove(&sub.filter, idx);
+            if shared::is_shared(&sub.filter) {
+                self.share_leave(idx, &sub.filter);
+            } else {
+                self.slice_remove(&sub.filter, idx);
+            }
         }
         if self.by_client.get(&entry.session.client_id) == Some(&idx) {
             self.by_client.remove(&entry.session.client_id);
@@ -803,8 +823,8 @@ impl Shard {
         let token = self.next_token;
         let mut retained = Vec::new();
         for (filter, options) in s.filters {
-            let reason = if filter.starts_with("$share/") || filter.starts_with("$queue/") {
-                ReasonCode::SharedSubscriptionsNotSupported
+            let reason = if shared::is_shared(&filter) {
+                self.subscribe_shared(sidx, filter, options, sub_id, token, &mut new_routes)
             } else {
                 match topic::validate_filter(&filter, max_levels) {
                     Err(TopicError::TooManyLevels) => ReasonCode::TopicFilterInvalid,
@@ -857,6 +877,275 @@ impl Shard {
         }
     }
 
+    /// Subscribes to a shared group; retained messages are never sent for these
+    /// (MQTT-4.8.2-... / EMQX). Returns the SUBACK reason.
+    fn subscribe_shared(
+        &mut self,
+        sidx: u32,
+        filter: String,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        token: u64,
+        new_routes: &mut usize,
+    ) -> ReasonCode {
+        if !self.cfg().shared_subscription {
+            return ReasonCode::SharedSubscriptionsNotSupported;
+        }
+        let Some((_, real)) = shared::parse_shared(&filter) else {
+            return ReasonCode::TopicFilterInvalid;
+        };
+        if topic::validate_filter(real, self.cfg().max_topic_levels).is_err() {
+            return ReasonCode::TopicFilterInvalid;
+        }
+        let max_subs = self.cfg().max_subscriptions;
+        let key: Arc<str> = filter.as_str().into();
+        let session = &mut self.session_mut(sidx).session;
+        let count = session.subscriptions.len();
+        match session.subscriptions.iter_mut().find(|x| x.filter == key) {
+            Some(existing) => {
+                existing.options = options;
+                existing.id = id;
+                return ReasonCode::granted(options.qos);
+            }
+            None if max_subs > 0 && count >= max_subs => {
+                return ReasonCode::QuotaExceeded;
+            }
+            None => session.subscriptions.push(Subscription {
+                filter: key.clone(),
+                options,
+                id,
+            }),
+        }
+        if self.share_join(sidx, key, token) {
+            *new_routes += 1;
+        }
+        ReasonCode::granted(options.qos)
+    }
+
+    /// Adds a local member to group `key`: tells the owner, and announces this shard in the
+    /// share routes if it is the first local member. True when a route change went out.
+    fn share_join(&mut self, sidx: u32, key: Arc<str>, token: u64) -> bool {
+        let shards = self.mesh.shards();
+        let owner = home_shard(&key, shards);
+        let member = Member {
+            shard: self.id as u16,
+            session: sidx,
+            client_id: self.session(sidx).session.client_id.clone(),
+        };
+        if owner == self.id {
+            self.groups.entry(key.clone()).or_default().join(member);
+        } else {
+            self.mesh.send(
+                owner,
+                MeshMsg::ShareJoin {
+                    key: key.clone(),
+                    member,
+                },
+            );
+        }
+        let count = self.share_local.entry(key.clone()).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            return false;
+        }
+        let real: Arc<str> = shared::parse_shared(&key)
+            .map(|(_, f)| f)
+            .unwrap_or_default()
+            .into();
+        self.share_route_add(&real, &key, self.id);
+        for to in 0..shards {
+            if to != self.id {
+                let msg = MeshMsg::ShareRouteAdd {
+                    filter: real.clone(),
+                    key: key.clone(),
+                    shard: self.id as u16,
+                    ack: token,
+                };
+                self.mesh.send(to, msg);
+            }
+        }
+        true
+    }
+
+    /// Removes a local member from group `key` (unsubscribe or session end).
+    fn share_leave(&mut self, sidx: u32, key: &Arc<str>) {
+        let shards = self.mesh.shards();
+        let owner = home_shard(key, shards);
+        if owner == self.id {
+            self.group_leave(key, self.id as u16, sidx);
+        } else {
+            let msg = MeshMsg::ShareLeave {
+                key: key.clone(),
+                shard: self.id as u16,
+                session: sidx,
+            };
+            self.mesh.send(owner, msg);
+        }
+        let Some(count) = self.share_local.get_mut(key) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        self.share_local.remove(key);
+        let real: Arc<str> = shared::parse_shared(key)
+            .map(|(_, f)| f)
+            .unwrap_or_default()
+            .into();
+        self.share_route_del(&real, key, self.id);
+        for to in 0..shards {
+            if to != self.id {
+                let msg = MeshMsg::ShareRouteDel {
+                    filter: real.clone(),
+                    key: key.clone(),
+                    shard: self.id as u16,
+                };
+                self.mesh.send(to, msg);
+            }
+        }
+    }
+
+    fn group_leave(&mut self, key: &Arc<str>, shard: u16, session: u32) {
+        if let Some(g) = self.groups.get_mut(key) {
+            if g.leave(shard, session) {
+                self.groups.remove(key);
+            }
+        }
+    }
+
+    fn share_route_add(&mut self, filter: &str, key: &Arc<str>, shard: usize) {
+        let list = self.share_routes.get_or_insert_with(filter, SmallVec::new);
+        match list.iter_mut().find(|r| r.key == *key) {
+            Some(r) => {
+                r.shards.insert(shard);
+            }
+            None => {
+                let mut shards = ShardSet::default();
+                shards.insert(shard);
+                list.push(ShareRoute {
+                    key: key.clone(),
+                    shards,
+                });
+            }
+        }
+    }
+
+    fn share_route_del(&mut self, filter: &str, key: &Arc<str>, shard: usize) {
+        let Some(list) = self.share_routes.get_mut(filter) else {
+            return;
+        };
+        for r in list.iter_mut() {
+            if r.key == *key {
+                r.shards.remove(shard);
+            }
+        }
+        list.retain(|r| !r.shards.is_empty());
+        if list.is_empty() {
+            self.share_routes.remove(filter);
+        }
+    }
+
+    /// On the owner: picks a member for `msg` and sends it there. When every member refused,
+    /// the first one still present queues it anyway (`force`); with no member it is dropped.
+    fn shared_dispatch(&mut self, key: Arc<str>, msg: Arc<Message>, tried: Vec<(u16, u32)>) {
+        let strategy = self.cfg().shared_strategy;
+        let Some(group) = self.groups.get_mut(&key) else {
+            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            return;
+        };
+        let (member, force) = match group.pick(strategy, &msg, &tried) {
+            Some(m) => (m, false),
+            None => match group.members.first() {
+                Some(m) if tried.len() <= group.members.len() => (m.clone(), true),
+                _ => {
+                    Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                    return;
+                }
+            },
+        };
+        if member.shard as usize == self.id {
+            self.shared_deliver(key, msg, member, tried, force);
+        } else {
+            let to = member.shard as usize;
+            let m = MeshMsg::SharedDeliver {
+                key,
+                msg,
+                member,
+                tried,
+                force,
+            };
+            self.mesh.send(to, m);
+        }
+    }
+
+    /// On the member's shard: deliver, or refuse back to the owner.
+    fn shared_deliver(
+        &mut self,
+        key: Arc<str>,
+        msg: Arc<Message>,
+        member: Member,
+        mut tried: Vec<(u16, u32)>,
+        force: bool,
+    ) {
+        let max_queued = self.cfg().max_queued_messages;
+        let sidx = member.session;
+        let options = match self.sessions.get(sidx as usize) {
+            Some(Some(e)) if e.session.client_id == member.client_id => e
+                .session
+                .subscriptions
+                .iter()
+                .find(|s| s.filter == key)
+                .map(|s| {
+                    (
+                        s.options,
+                        s.id,
+                        e.conn.is_some() && e.session.queue_len() < max_queued,
+                    )
+                }),
+            _ => None,
+        };
+        match options {
+            Some((options, id, available)) if available || force => {
+                let d = Delivery {
+                    qos: msg.qos.min(options.qos),
+                    retain: false,
+                    sub_ids: id.into_iter().collect(),
+                    share: Some(key),
+                    msg,
+                };
+                self.deliver(sidx, d);
+            }
+            _ if force => Metrics::add(&self.shared.metrics.messages_dropped, 1),
+            _ => {
+                tried.push((self.id as u16, sidx));
+                self.shared_publish(key, msg, tried);
+            }
+        }
+    }
+
+    /// Sends a message to the owner of shared group `key` (or dispatches it here).
+    fn shared_publish(&mut self, key: Arc<str>, msg: Arc<Message>, tried: Vec<(u16, u32)>) {
+        let owner = home_shard(&key, self.mesh.shards());
+        if owner == self.id {
+            self.shared_dispatch(key, msg, tried);
+        } else {
+            self.mesh
+                .send(owner, MeshMsg::SharedPublish { key, msg, tried });
+        }
+    }
+
+    /// Hands a leaving member's unacknowledged shared messages to other members (EMQX's
+    /// redispatch).
+    fn redispatch_shared(&mut self, sidx: u32) {
+        let taken = self.session_mut(sidx).session.take_shared();
+        for d in taken {
+            if let Some(key) = d.share {
+                self.shared_publish(key, d.msg, vec![(self.id as u16, sidx)]);
+            }
+        }
+    }
+
     fn finish_subscribe(
         &mut self,
         slot: u32,
@@ -882,6 +1171,7 @@ impl Shard {
                     // MQTT-3.3.1-8: retained messages sent on subscribe carry retain = 1.
                     retain: true,
                     sub_ids: id.into_iter().collect(),
+                    share: None,
                     msg,
                 };
                 self.deliver(sidx, d);
@@ -957,8 +1247,12 @@ impl Shard {
                 .position(|s| *s.filter == **filter);
             match found {
                 Some(i) => {
-                    session.subscriptions.swap_remove(i);
-                    self.slice_remove(filter, sidx);
+                    let sub = session.subscriptions.swap_remove(i);
+                    if shared::is_shared(&sub.filter) {
+                        self.share_leave(sidx, &sub.filter);
+                    } else {
+                        self.slice_remove(filter, sidx);
+                    }
                     reasons.push(ReasonCode::Success);
                 }
                 None => reasons.push(ReasonCode::NoSubscriptionExisted),
@@ -1027,6 +1321,18 @@ impl Shard {
         if targets.contains(self.id) {
             self.deliver_local(&msg);
         }
+        if self.share_routes.is_empty() {
+            return;
+        }
+        let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
+        self.share_routes.for_each_match(&msg.topic, |list| {
+            groups.extend(list.iter().map(|r| r.key.clone()))
+        });
+        groups.sort_unstable();
+        groups.dedup();
+        for key in groups {
+            self.shared_publish(key, msg.clone(), Vec::new());
+        }
     }
 
     /// Delivers to this shard's matching sessions: one copy per session at the highest QoS of
@@ -1068,6 +1374,7 @@ impl Shard {
                 // MQTT-3.3.1-9: live messages go out with retain 0 unless retain-as-published.
                 retain: retain_as_published && msg.retain,
                 sub_ids,
+                share: None,
             };
             self.deliver(sidx, d);
         }
@@ -1237,6 +1544,33 @@ impl Shard {
             MeshMsg::RouteDel { filter, shard } => self.route_del(&filter, shard as usize),
             MeshMsg::Retain { topic, msg } => self.apply_retained(topic, msg),
             MeshMsg::Handoff(h) => self.on_handoff(*h),
+            MeshMsg::ShareJoin { key, member } => self.groups.entry(key).or_default().join(member),
+            MeshMsg::ShareLeave {
+                key,
+                shard,
+                session,
+            } => self.group_leave(&key, shard, session),
+            MeshMsg::ShareRouteAdd {
+                filter,
+                key,
+                shard,
+                ack,
+            } => {
+                self.share_route_add(&filter, &key, shard as usize);
+                self.mesh
+                    .send(shard as usize, MeshMsg::RouteAck { token: ack });
+            }
+            MeshMsg::ShareRouteDel { filter, key, shard } => {
+                self.share_route_del(&filter, &key, shard as usize)
+            }
+            MeshMsg::SharedPublish { key, msg, tried } => self.shared_dispatch(key, msg, tried),
+            MeshMsg::SharedDeliver {
+                key,
+                msg,
+                member,
+                tried,
+                force,
+            } => self.shared_deliver(key, msg, member, tried, force),
             MeshMsg::Shutdown => self.shared.shutdown.store(true, Ordering::Relaxed),
         }
     }
@@ -1449,9 +1783,12 @@ impl Shard {
             return;
         }
         entry.conn = None;
-        if entry.session.ephemeral {
+        let ephemeral = entry.session.ephemeral;
+        self.redispatch_shared(sidx);
+        if ephemeral {
             self.destroy_session(sidx);
         } else {
+            let entry = self.session_mut(sidx);
             let at = now + entry.expires_at_ms;
             entry.expires_at_ms = at;
             self.timers.schedule(at, TIMER_SESSION | sidx as u64);
