@@ -1,6 +1,6 @@
 //! Node-wide counters, written by shards with relaxed atomics and read by `$SYS` and the API.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 /// Counters shared by all shards of a node; each is a plain relaxed atomic.
 #[derive(Default, Debug)]
@@ -21,6 +21,12 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     /// Connections closed for a protocol violation or malformed packet.
     pub protocol_errors: AtomicU64,
+    /// Client connections closed, for any reason.
+    pub disconnects_total: AtomicU64,
+    /// Subscriptions held by all sessions (a gauge).
+    pub subscriptions: AtomicI64,
+    /// Connections refused for a limit (max connections, quota).
+    pub refused: AtomicU64,
 }
 
 impl Metrics {

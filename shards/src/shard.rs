@@ -44,6 +44,8 @@ const MESH_BUDGET: usize = 4096;
 const MESH_QOS0_DROP_BACKLOG: usize = 65_536;
 /// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
 const TIMER_SESSION: u64 = 1 << 63;
+/// Timer token of the `$SYS` publication (shard 0 only).
+const TIMER_SYS: u64 = 1 << 62;
 
 /// State shared by every shard of the node.
 pub struct NodeShared {
@@ -192,6 +194,10 @@ impl Shard {
     pub fn run(mut self) -> std::io::Result<()> {
         self.ring.accept_multi(self.listener.as_raw_fd());
         self.arm_doorbell();
+        let sys_interval_ms = self.cfg().sys_interval_s * 1000;
+        if self.id == 0 && sys_interval_ms > 0 {
+            self.timers.schedule(sys_interval_ms, TIMER_SYS);
+        }
         let mut completions = Vec::with_capacity(1024);
         let mut mesh_msgs = Vec::with_capacity(1024);
         let mut fired = Vec::new();
@@ -648,6 +654,11 @@ impl Shard {
             return;
         };
         debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
+        let subs = entry.session.subscriptions.len() as i64;
+        self.shared
+            .metrics
+            .subscriptions
+            .fetch_sub(subs, Ordering::Relaxed);
         for sub in &entry.session.subscriptions {
             if shared::is_shared(&sub.filter) {
                 self.share_leave(idx, &sub.filter);
@@ -910,11 +921,17 @@ impl Shard {
             None if max_subs > 0 && count >= max_subs => {
                 return ReasonCode::QuotaExceeded;
             }
-            None => session.subscriptions.push(Subscription {
-                filter: key.clone(),
-                options,
-                id,
-            }),
+            None => {
+                session.subscriptions.push(Subscription {
+                    filter: key.clone(),
+                    options,
+                    id,
+                });
+                self.shared
+                    .metrics
+                    .subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         if self.share_join(sidx, key, token) {
             *new_routes += 1;
@@ -1199,11 +1216,17 @@ impl Shard {
                 existing.options = options;
                 existing.id = id;
             }
-            None => session.subscriptions.push(Subscription {
-                filter: filter.clone(),
-                options,
-                id,
-            }),
+            None => {
+                session.subscriptions.push(Subscription {
+                    filter: filter.clone(),
+                    options,
+                    id,
+                });
+                self.shared
+                    .metrics
+                    .subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         let list = self.slice.get_or_insert_with(&filter, SmallVec::new);
         let fresh = list.is_empty();
@@ -1248,6 +1271,10 @@ impl Shard {
             match found {
                 Some(i) => {
                     let sub = session.subscriptions.swap_remove(i);
+                    self.shared
+                        .metrics
+                        .subscriptions
+                        .fetch_sub(1, Ordering::Relaxed);
                     if shared::is_shared(&sub.filter) {
                         self.share_leave(sidx, &sub.filter);
                     } else {
@@ -1594,6 +1621,12 @@ impl Shard {
     // ---------------------------------------------------------------- timers
 
     fn on_timer(&mut self, token: u64) {
+        if token == TIMER_SYS {
+            self.publish_sys();
+            let at = self.now_ms + self.cfg().sys_interval_s * 1000;
+            self.timers.schedule(at, TIMER_SYS);
+            return;
+        }
         if token & TIMER_SESSION != 0 {
             let sidx = (token & !TIMER_SESSION) as u32;
             let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
@@ -1639,6 +1672,45 @@ impl Shard {
             }
         };
         self.close(slot, Close::Error(reason));
+    }
+
+    /// Publishes the node's counters under `$SYS/brokers/<node>/` (as EMQX does, not retained).
+    fn publish_sys(&mut self) {
+        let m = &self.shared.metrics;
+        let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        let items: [(&str, String); 12] = [
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("uptime", (self.now_ms / 1000).to_string()),
+            (
+                "clients/connected",
+                m.connections.load(Ordering::Relaxed).to_string(),
+            ),
+            ("clients/disconnected", r(&m.disconnects_total)),
+            ("clients/total", r(&m.connections_total)),
+            ("messages/received", r(&m.messages_received)),
+            ("messages/sent", r(&m.messages_sent)),
+            ("messages/dropped", r(&m.messages_dropped)),
+            ("bytes/received", r(&m.bytes_received)),
+            ("bytes/sent", r(&m.bytes_sent)),
+            (
+                "subscriptions/count",
+                m.subscriptions.load(Ordering::Relaxed).max(0).to_string(),
+            ),
+            ("retained/count", self.retained.len().to_string()),
+        ];
+        let prefix = format!("$SYS/brokers/{}/", self.cfg().node_name);
+        let publisher: Arc<str> = "$SYS".into();
+        for (name, value) in items {
+            let msg = Message {
+                topic: format!("{prefix}{name}").into(),
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: None,
+                publisher: publisher.clone(),
+            };
+            self.route(Arc::new(msg));
+        }
     }
 
     // ---------------------------------------------------------------- output and closing
@@ -1749,6 +1821,7 @@ impl Shard {
             .metrics
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+        Metrics::add(&self.shared.metrics.disconnects_total, 1);
         if !active {
             return;
         }
