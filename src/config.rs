@@ -309,6 +309,9 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         shared_subscription: boolean(t, "mqtt.shared_subscription"),
         shared_strategy,
         sys_interval_s: int(t, "sys.interval_s", 0, 86_400)? as u64,
+        server_keepalive_s: int(t, "mqtt.server_keepalive_s", 0, 65535)? as u16,
+        max_topic_alias: int(t, "mqtt.max_topic_alias", 0, 65535)? as u16,
+        response_information: string(t, "mqtt.response_information").to_string(),
     };
     Ok(Settings {
         broker,

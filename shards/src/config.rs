@@ -53,6 +53,12 @@ pub struct BrokerConfig {
     pub shared_strategy: Strategy,
     /// Interval of `$SYS` publications in seconds (0 = none).
     pub sys_interval_s: u64,
+    /// Keep-alive imposed on v5 clients in seconds (0 = the client's own).
+    pub server_keepalive_s: u16,
+    /// Topic aliases a v5 client may define (0 = none).
+    pub max_topic_alias: u16,
+    /// Response Information sent to v5 clients that ask for it (empty = none).
+    pub response_information: String,
 }
 
 impl Default for BrokerConfig {
@@ -77,6 +83,9 @@ impl Default for BrokerConfig {
             shared_subscription: true,
             shared_strategy: Strategy::RoundRobin,
             sys_interval_s: 60,
+            server_keepalive_s: 0,
+            max_topic_alias: 65535,
+            response_information: String::new(),
         }
     }
 }

@@ -51,6 +51,23 @@ pub struct Conn {
     pub max_packet_out: u32,
     /// Unacknowledged QoS 1/2 messages this client accepts (v5 Receive Maximum).
     pub receive_max: u16,
+    /// Topic aliases the client accepts from us (v5 Topic Alias Maximum), 0 = none.
+    pub client_alias_max: u16,
+    /// The client wants reason strings (v5 Request Problem Information, default yes).
+    pub problem_info: bool,
+    /// Accepted over the connection limit: CONNECT is answered with a refusal.
+    pub over_quota: bool,
+    /// Topic aliases in both directions; allocated on first use only.
+    pub aliases: Option<Box<Aliases>>,
+}
+
+/// Per-connection topic alias maps (MQTT 3.3.2.3.4).
+#[derive(Default)]
+pub struct Aliases {
+    /// Client → server: alias → topic.
+    pub inbound: ahash::AHashMap<u16, std::sync::Arc<str>>,
+    /// Server → client: topic → alias.
+    pub outbound: ahash::AHashMap<std::sync::Arc<str>, u16>,
 }
 
 impl Conn {
@@ -72,6 +89,10 @@ impl Conn {
             will: None,
             max_packet_out: u32::MAX,
             receive_max: u16::MAX,
+            client_alias_max: 0,
+            problem_info: true,
+            over_quota: false,
+            aliases: None,
         }
     }
 

@@ -18,4 +18,6 @@ pub struct Message {
     pub properties: Option<Box<Properties>>,
     /// Client id of the publisher, for the v5 no-local option.
     pub publisher: Arc<str>,
+    /// When the v5 Message Expiry Interval runs out; queued copies are dropped after it.
+    pub expires_at: Option<std::time::Instant>,
 }

@@ -292,6 +292,7 @@ mod tests {
                 retain: false,
                 properties: None,
                 publisher: "p".into(),
+                expires_at: None,
             }),
             qos,
             retain: false,

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use shardmq_net::{
     decode, encode, encode_publish_header, ConnAck, Connect, DecodeError, Disconnect, Packet,
     Properties, Protocol, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
-    SubscriptionOptions, UnsubAck, Unsubscribe,
+    SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 use smallvec::SmallVec;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -42,10 +42,14 @@ const MESH_BUDGET: usize = 4096;
 /// Mesh overflow towards one shard beyond which QoS 0 messages to it are dropped (counted), so
 /// a publisher flood cannot grow memory without bound; QoS 1/2 are still carried.
 const MESH_QOS0_DROP_BACKLOG: usize = 65_536;
+/// Connections beyond `max_connections` held open only to send the refusal.
+const OVER_QUOTA_SLACK: usize = 1024;
 /// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
 const TIMER_SESSION: u64 = 1 << 63;
 /// Timer token of the `$SYS` publication (shard 0 only).
 const TIMER_SYS: u64 = 1 << 62;
+/// Timer tokens of delayed wills have this bit set (with the session index).
+const TIMER_WILL: u64 = 1 << 61;
 
 /// State shared by every shard of the node.
 pub struct NodeShared {
@@ -59,7 +63,10 @@ pub struct NodeShared {
 struct SessionEntry {
     session: Session,
     conn: Option<u32>,
+    /// While online: the expiry interval in ms; while offline: the absolute expiry time.
     expires_at_ms: u64,
+    /// A v5 will waiting for its delay (or the session's end) to pass.
+    pending_will: Option<Box<(Will, Protocol, u64)>>,
 }
 
 /// A local subscriber of one filter.
@@ -271,10 +278,15 @@ impl Shard {
         // SAFETY: a successful accept returns a new descriptor that we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
         let m = &self.shared.metrics;
-        if m.connections.fetch_add(1, Ordering::Relaxed) >= self.cfg().max_connections {
+        let max = self.cfg().max_connections;
+        let live = m.connections.fetch_add(1, Ordering::Relaxed);
+        // Up to OVER_QUOTA_SLACK connections past the limit are kept long enough to be told
+        // why (CONNACK 0x97 / 0x03); beyond that they are closed at once.
+        if live >= max.saturating_add(OVER_QUOTA_SLACK) {
             m.connections.fetch_sub(1, Ordering::Relaxed);
+            Metrics::add(&m.refused, 1);
             log::warn!(
-                "shard {}: refusing connection: max_connections reached",
+                "shard {}: closing new connection: max_connections reached",
                 self.id
             );
             return;
@@ -282,7 +294,9 @@ impl Shard {
         Metrics::add(&m.connections_total, 1);
         set_nodelay(&fd);
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let (slot, gen) = self.conns.insert(Conn::new(fd, deadline));
+        let mut conn = Conn::new(fd, deadline);
+        conn.over_quota = live >= max;
+        let (slot, gen) = self.conns.insert(conn);
         let raw = self
             .conns
             .get_mut(slot, gen)
@@ -521,10 +535,15 @@ impl Shard {
 
     /// Binds a connection whose CONNECT is valid to its session on this (home) shard.
     fn attach(&mut self, slot: u32, gen: u32, connect: Box<Connect>, assigned: bool) {
-        let cfg_inflight = self.cfg().max_inflight;
-        let cfg_expiry = self.cfg().session_expiry_interval_s;
-        let max_packet = self.cfg().max_packet_size;
-        let retain_available = self.cfg().retain_available;
+        let cfg = &self.shared.cfg;
+        let (cfg_inflight, cfg_expiry, max_packet) = (
+            cfg.max_inflight,
+            cfg.session_expiry_interval_s,
+            cfg.max_packet_size,
+        );
+        let (retain_available, shared_available) = (cfg.retain_available, cfg.shared_subscription);
+        let (server_keepalive, max_alias) = (cfg.server_keepalive_s, cfg.max_topic_alias);
+        let response_information = cfg.response_information.clone();
         let Connect {
             protocol,
             clean_start,
@@ -535,6 +554,31 @@ impl Shard {
             ..
         } = *connect;
         let client_id: Arc<str> = client_id.into();
+        let v5 = protocol == Protocol::V5;
+        if self
+            .conns
+            .get_mut(slot, gen)
+            .map(|c| c.over_quota)
+            .unwrap_or(true)
+        {
+            // Over listeners.tcp.default.max_connections: refused with the spec's code.
+            let reason = if v5 {
+                ReasonCode::QuotaExceeded
+            } else {
+                ReasonCode::ServerUnavailable
+            };
+            self.send_packet(
+                slot,
+                protocol,
+                &Packet::ConnAck(ConnAck {
+                    reason,
+                    ..Default::default()
+                }),
+            );
+            Metrics::add(&self.shared.metrics.refused, 1);
+            self.close(slot, Close::Error(reason));
+            return;
+        }
         let expiry_s = match protocol {
             Protocol::V5 => properties
                 .session_expiry_interval
@@ -572,7 +616,15 @@ impl Shard {
             entry.conn = Some(slot);
             entry.session.ephemeral = ephemeral;
             entry.expires_at_ms = expiry_s as u64 * 1000;
+            // A session resumed before its will delay ran out keeps its will unsent
+            // (MQTT-3.1.3-9).
+            entry.pending_will = None;
         }
+        let keep_alive = if v5 && server_keepalive > 0 {
+            server_keepalive
+        } else {
+            keep_alive
+        };
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;
         };
@@ -586,16 +638,18 @@ impl Shard {
         } else {
             u64::MAX
         };
-        if protocol == Protocol::V5 {
+        if v5 {
             conn.receive_max = properties.receive_maximum.unwrap_or(u16::MAX).max(1);
             conn.max_packet_out = properties.maximum_packet_size.unwrap_or(u32::MAX);
+            conn.client_alias_max = properties.topic_alias_maximum.unwrap_or(0);
+            conn.problem_info = properties.request_problem_information != Some(0);
         }
         let mut ack = ConnAck {
             session_present,
             reason: ReasonCode::Success,
             properties: Properties::default(),
         };
-        if protocol == Protocol::V5 {
+        if v5 {
             let p = &mut ack.properties;
             if assigned {
                 p.assigned_client_identifier = Some(client_id.to_string());
@@ -603,10 +657,18 @@ impl Shard {
             p.receive_maximum = Some(cfg_inflight);
             p.maximum_packet_size = Some(max_packet);
             p.retain_available = Some(retain_available as u8);
-            p.shared_subscription_available = Some(self.shared.cfg.shared_subscription as u8);
-            p.topic_alias_maximum = Some(0);
+            p.shared_subscription_available = Some(shared_available as u8);
+            p.topic_alias_maximum = Some(max_alias);
+            if server_keepalive > 0 {
+                p.server_keep_alive = Some(server_keepalive);
+            }
             if properties.session_expiry_interval.unwrap_or(0) > expiry_s {
                 p.session_expiry_interval = Some(expiry_s);
+            }
+            if properties.request_response_information == Some(1)
+                && !response_information.is_empty()
+            {
+                p.response_information = Some(response_information);
             }
         }
         self.send_packet(slot, protocol, &Packet::ConnAck(ack));
@@ -621,6 +683,7 @@ impl Shard {
             session: Session::new(client_id.clone(), ephemeral),
             conn: None,
             expires_at_ms: 0,
+            pending_will: None,
         };
         let idx = match self.free_sessions.pop() {
             Some(i) => {
@@ -650,9 +713,16 @@ impl Shard {
 
     /// Ends a session: its subscriptions leave the slice (and routes), its messages are lost.
     fn destroy_session(&mut self, idx: u32) {
-        let Some(entry) = self.sessions[idx as usize].take() else {
+        let Some(mut entry) = self.sessions[idx as usize].take() else {
             return;
         };
+        if let Some(pending) = entry.pending_will.take() {
+            // The session ends before the will delay: the will goes now (MQTT-3.1.3-9).
+            let (will, protocol, _) = *pending;
+            self.sessions[idx as usize] = Some(entry);
+            self.publish_will(idx, will, protocol);
+            entry = self.sessions[idx as usize].take().expect("just put back");
+        }
         debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
         let subs = entry.session.subscriptions.len() as i64;
         self.shared
@@ -760,6 +830,18 @@ impl Shard {
             Packet::Unsubscribe(u) => self.on_unsubscribe(slot, sidx, protocol, u),
             Packet::PingReq => self.send_packet(slot, protocol, &Packet::PingResp),
             Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.session_expiry_interval {
+                    let cap = self.cfg().session_expiry_interval_s;
+                    let entry = self.session_mut(sidx);
+                    if entry.session.ephemeral && expiry > 0 {
+                        // MQTT-3.14.2-2: expiry 0 at CONNECT cannot be raised at DISCONNECT.
+                        self.protocol_error(slot, ReasonCode::ProtocolError);
+                        return Flow::Stop;
+                    }
+                    let expiry = expiry.min(cap);
+                    entry.expires_at_ms = expiry as u64 * 1000;
+                    entry.session.ephemeral = expiry == 0;
+                }
                 // MQTT-3.14.4-3: a normal DISCONNECT discards the will, except v5 0x04.
                 if d.reason != ReasonCode::DisconnectWithWillMessage {
                     if let Some(conn) = self.conns.get_mut(slot, gen) {
@@ -787,8 +869,31 @@ impl Shard {
         Flow::Continue
     }
 
-    fn on_publish(&mut self, slot: u32, sidx: u32, protocol: Protocol, p: Publish) -> Flow {
+    fn on_publish(&mut self, slot: u32, sidx: u32, protocol: Protocol, mut p: Publish) -> Flow {
         Metrics::add(&self.shared.metrics.messages_received, 1);
+        if let Some(alias) = p.properties.topic_alias {
+            // MQTT-3.3.2-9/10: aliases are 1..=our Topic Alias Maximum.
+            if alias == 0 || alias > self.cfg().max_topic_alias {
+                self.protocol_error(slot, ReasonCode::TopicAliasInvalid);
+                return Flow::Stop;
+            }
+            let Some(conn) = self.conns.get_slot(slot) else {
+                return Flow::Stop;
+            };
+            let aliases = conn.aliases.get_or_insert_with(Default::default);
+            if p.topic.is_empty() {
+                match aliases.inbound.get(&alias) {
+                    Some(t) => p.topic = t.to_string(),
+                    None => {
+                        // MQTT-3.3.4: an alias must be defined before it is used alone.
+                        self.protocol_error(slot, ReasonCode::ProtocolError);
+                        return Flow::Stop;
+                    }
+                }
+            } else {
+                aliases.inbound.insert(alias, p.topic.as_str().into());
+            }
+        }
         if let Err(e) = topic::validate_name(&p.topic, self.cfg().max_topic_levels) {
             // MQTT-3.3.2-2: wildcards are not allowed in a topic name.
             log::info!(
@@ -800,10 +905,19 @@ impl Shard {
             return Flow::Stop;
         }
         let (qos, packet_id) = (p.qos, p.packet_id);
+        if qos == QoS::ExactlyOnce
+            && self.session(sidx).session.incoming_qos2_len() >= self.cfg().max_inflight as usize
+            && protocol == Protocol::V5
+        {
+            // MQTT-3.3.4-9: more unacknowledged QoS 2 than our Receive Maximum.
+            self.protocol_error(slot, ReasonCode::ReceiveMaximumExceeded);
+            return Flow::Stop;
+        }
         let route = match qos {
             QoS::AtMostOnce | QoS::AtLeastOnce => true,
             QoS::ExactlyOnce => self.session_mut(sidx).session.incoming_qos2(packet_id),
         };
+        let mut matched = true;
         // Clients may not publish into $SYS (EMQX ignores such messages too).
         if route && !p.topic.starts_with("$SYS") {
             let publisher = self.session(sidx).session.client_id.clone();
@@ -811,12 +925,16 @@ impl Shard {
             if msg.retain && self.cfg().retain_available {
                 self.set_retained(&msg);
             }
-            self.route(msg);
+            matched = self.route(msg);
         }
-        let ack = PubResp {
+        let mut ack = PubResp {
             packet_id,
             ..Default::default()
         };
+        if !matched && protocol == Protocol::V5 {
+            // As EMQX: tell v5 publishers nobody was subscribed (0x10 is a success code).
+            ack.reason = ReasonCode::NoMatchingSubscribers;
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send_packet(slot, protocol, &Packet::PubAck(ack)),
@@ -1331,7 +1449,7 @@ impl Shard {
     // ---------------------------------------------------------------- routing and delivery
 
     /// Sends a message to every shard with a matching route (this one included).
-    fn route(&mut self, msg: Arc<Message>) {
+    fn route(&mut self, msg: Arc<Message>) -> bool {
         let mut targets = ShardSet::default();
         self.routes
             .for_each_match(&msg.topic, |s| targets.union_with(s));
@@ -1349,7 +1467,7 @@ impl Shard {
             self.deliver_local(&msg);
         }
         if self.share_routes.is_empty() {
-            return;
+            return !targets.is_empty();
         }
         let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
         self.share_routes.for_each_match(&msg.topic, |list| {
@@ -1357,9 +1475,11 @@ impl Shard {
         });
         groups.sort_unstable();
         groups.dedup();
+        let matched = !targets.is_empty() || !groups.is_empty();
         for key in groups {
             self.shared_publish(key, msg.clone(), Vec::new());
         }
+        matched
     }
 
     /// Delivers to this shard's matching sessions: one copy per session at the highest QoS of
@@ -1485,16 +1605,28 @@ impl Shard {
         let Some(conn) = self.conns.get_slot(slot) else {
             return;
         };
-        let protocol = conn.protocol;
-        let max_out = conn.max_packet_out;
+        let (protocol, max_out, alias_max) =
+            (conn.protocol, conn.max_packet_out, conn.client_alias_max);
         let mut properties = Properties::default();
         if protocol == Protocol::V5 {
             if let Some(p) = &d.msg.properties {
                 properties = (**p).clone();
             }
             properties.subscription_identifiers = d.sub_ids.to_vec();
+            if let Some(expires_at) = d.msg.expires_at {
+                // MQTT-3.3.2-6: forward the remaining lifetime; an expired message is dropped.
+                let left = expires_at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.drop_delivery(slot, packet_id);
+                    return;
+                }
+                properties.message_expiry_interval = Some(left.as_secs_f64().ceil() as u32);
+            }
+        } else if d.msg.expires_at.is_some_and(|t| t <= Instant::now()) {
+            self.drop_delivery(slot, packet_id);
+            return;
         }
-        let publish = Publish {
+        let mut publish = Publish {
             dup: dup && d.qos != QoS::AtMostOnce,
             qos: d.qos,
             retain: d.retain,
@@ -1503,18 +1635,39 @@ impl Shard {
             payload: d.msg.payload.clone(),
             properties,
         };
-        let header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
-        let header = self.scratch.split().freeze();
+        let mut header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
         if (header_len + publish.payload.len()) as u64 > max_out as u64 {
             // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
-            Metrics::add(&self.shared.metrics.messages_dropped, 1);
-            if packet_id != 0 {
-                if let Some(sidx) = self.conns.get_slot(slot).map(|c| c.session) {
-                    self.session_mut(sidx).session.abandon(packet_id);
-                }
-            }
+            self.scratch.clear();
+            self.drop_delivery(slot, packet_id);
             return;
         }
+        if alias_max > 0 {
+            // Topic aliases towards the client (MQTT-3.3.2.3.4): the first message on a topic
+            // carries topic + alias, later ones only the alias.
+            let Some(conn) = self.conns.get_slot(slot) else {
+                return;
+            };
+            let aliases = conn.aliases.get_or_insert_with(Default::default);
+            let known = aliases.outbound.get(&d.msg.topic).copied();
+            let alias = known.or_else(|| {
+                let next = aliases.outbound.len() as u16 + 1;
+                (next <= alias_max).then(|| {
+                    aliases.outbound.insert(d.msg.topic.clone(), next);
+                    next
+                })
+            });
+            if let Some(alias) = alias {
+                publish.properties.topic_alias = Some(alias);
+                if known.is_some() {
+                    publish.topic.clear();
+                }
+                self.scratch.clear();
+                header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
+            }
+        }
+        let _ = header_len;
+        let header = self.scratch.split().freeze();
         let Some(conn) = self.conns.get_slot(slot) else {
             return;
         };
@@ -1522,6 +1675,16 @@ impl Shard {
         conn.push(publish.payload);
         Metrics::add(&self.shared.metrics.messages_sent, 1);
         self.mark_dirty(slot);
+    }
+
+    /// Gives up one delivery (expired, or too large for the client), counted as dropped.
+    fn drop_delivery(&mut self, slot: u32, packet_id: u16) {
+        Metrics::add(&self.shared.metrics.messages_dropped, 1);
+        if packet_id != 0 {
+            if let Some(sidx) = self.conns.get_slot(slot).map(|c| c.session) {
+                self.session_mut(sidx).session.abandon(packet_id);
+            }
+        }
     }
 
     fn set_retained(&mut self, msg: &Arc<Message>) {
@@ -1621,6 +1784,26 @@ impl Shard {
     // ---------------------------------------------------------------- timers
 
     fn on_timer(&mut self, token: u64) {
+        if token & TIMER_WILL != 0 && token & TIMER_SESSION == 0 {
+            let sidx = (token & !TIMER_WILL) as u32;
+            let now = self.now_ms;
+            let Some(Some(entry)) = self.sessions.get_mut(sidx as usize) else {
+                return;
+            };
+            if entry.conn.is_some() {
+                return;
+            }
+            let due = entry.pending_will.as_ref().map(|p| p.2);
+            match due {
+                Some(at) if at <= now => {
+                    let (will, protocol, _) = *entry.pending_will.take().expect("checked above");
+                    self.publish_will(sidx, will, protocol);
+                }
+                Some(at) => self.timers.schedule(at, token),
+                None => {}
+            }
+            return;
+        }
         if token == TIMER_SYS {
             self.publish_sys();
             let at = self.now_ms + self.cfg().sys_interval_s * 1000;
@@ -1708,6 +1891,7 @@ impl Shard {
                 retain: false,
                 properties: None,
                 publisher: publisher.clone(),
+                expires_at: None,
             };
             self.route(Arc::new(msg));
         }
@@ -1832,24 +2016,6 @@ impl Shard {
         };
         let sidx = conn.session;
         drop(conn);
-        if let Some(will) = will {
-            let publisher = self.session(sidx).session.client_id.clone();
-            let will = *will;
-            let properties = (protocol == Protocol::V5 && !will.properties.is_empty())
-                .then(|| Box::new(will.properties));
-            let msg = Arc::new(Message {
-                topic: will.topic.as_str().into(),
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-                properties,
-                publisher,
-            });
-            if msg.retain && self.cfg().retain_available {
-                self.set_retained(&msg);
-            }
-            self.route(msg);
-        }
         let now = self.now_ms;
         let entry = self.session_mut(sidx);
         if entry.conn != Some(slot) {
@@ -1857,6 +2023,18 @@ impl Shard {
         }
         entry.conn = None;
         let ephemeral = entry.session.ephemeral;
+        if let Some(will) = will {
+            let delay_s = will.properties.will_delay_interval.unwrap_or(0) as u64;
+            if protocol == Protocol::V5 && delay_s > 0 && !ephemeral {
+                // MQTT-3.1.3-9: the will waits for its delay or the session's end, whichever
+                // comes first, and is dropped if the session resumes before.
+                let at = now + (delay_s * 1000).min(entry.expires_at_ms);
+                entry.pending_will = Some(Box::new((*will, protocol, at)));
+                self.timers.schedule(at, TIMER_WILL | sidx as u64);
+            } else {
+                self.publish_will(sidx, *will, protocol);
+            }
+        }
         self.redispatch_shared(sidx);
         if ephemeral {
             self.destroy_session(sidx);
@@ -1866,6 +2044,32 @@ impl Shard {
             entry.expires_at_ms = at;
             self.timers.schedule(at, TIMER_SESSION | sidx as u64);
         }
+    }
+
+    fn publish_will(&mut self, sidx: u32, will: Will, protocol: Protocol) {
+        let publisher = self.session(sidx).session.client_id.clone();
+        let properties = (protocol == Protocol::V5 && !will.properties.is_empty()).then(|| {
+            let mut p = will.properties;
+            p.will_delay_interval = None;
+            Box::new(p)
+        });
+        let expires_at = properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| Instant::now() + Duration::from_secs(s as u64));
+        let msg = Arc::new(Message {
+            topic: will.topic.as_str().into(),
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            publisher,
+            expires_at,
+        });
+        if msg.retain && self.cfg().retain_available {
+            self.set_retained(&msg);
+        }
+        self.route(msg);
     }
 
     fn shutdown(&mut self) {
@@ -1890,6 +2094,10 @@ fn message_from(p: Publish, publisher: Arc<str>) -> Message {
         props.subscription_identifiers.clear();
         (!props.is_empty()).then(|| Box::new(props))
     };
+    let expires_at = properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .map(|s| Instant::now() + Duration::from_secs(s as u64));
     Message {
         topic: p.topic.into(),
         payload: p.payload,
@@ -1897,6 +2105,7 @@ fn message_from(p: Publish, publisher: Arc<str>) -> Message {
         retain: p.retain,
         properties,
         publisher,
+        expires_at,
     }
 }
 

@@ -170,6 +170,7 @@ mod tests {
             retain: false,
             properties: None,
             publisher: publisher.into(),
+            expires_at: None,
         }
     }
 
