@@ -39,6 +39,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub broker: BrokerConfig,
+    /// Management API address; `None` when `management.bind` is empty.
+    pub management_bind: Option<SocketAddr>,
     pub data_dir: String,
     pub log_level: log::LevelFilter,
 }
@@ -313,8 +315,17 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         max_topic_alias: int(t, "mqtt.max_topic_alias", 0, 65535)? as u16,
         response_information: string(t, "mqtt.response_information").to_string(),
     };
+    let mgmt_key = "management.bind";
+    let management_bind = match string(t, mgmt_key) {
+        "" => None,
+        text => Some(
+            text.parse()
+                .map_err(|_| bad(mgmt_key, format!("{text:?} is not an address:port")))?,
+        ),
+    };
     Ok(Settings {
         broker,
+        management_bind,
         data_dir: string(t, "node.data_dir").to_string(),
         log_level,
     })

@@ -2,6 +2,7 @@
 //! SIGTERM or SIGINT; configuration comes from the embedded default, the file and
 //! `SHARDMQ_*` environment variables (see docs/configuration.md).
 
+mod api;
 mod config;
 mod logger;
 
@@ -86,6 +87,16 @@ fn start(args: &[String]) -> ExitCode {
         cfg.bind,
         node.shards()
     );
+    if let Some(bind) = settings.management_bind {
+        match api::start(bind, node.shared()) {
+            Ok(()) => log::info!("management API on http://{bind}"),
+            Err(e) => {
+                log::error!("cannot start the management API on {bind}: {e}");
+                node.shutdown();
+                return ExitCode::from(1);
+            }
+        }
+    }
     let mut sig: libc::c_int = 0;
     // SAFETY: waits for one of the blocked signals.
     unsafe { libc::sigwait(&signals, &mut sig) };

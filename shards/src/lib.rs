@@ -27,4 +27,6 @@ pub mod topic;
 pub mod topic_index;
 
 pub use config::{BrokerConfig, DropPolicy};
+pub use metrics::Metrics;
 pub use node::{Node, StartError};
+pub use shard::NodeShared;

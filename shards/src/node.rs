@@ -123,6 +123,11 @@ impl Node {
         &self.shared.metrics
     }
 
+    /// A handle to the node's shared state for threads outside the shards (management API).
+    pub fn shared(&self) -> Arc<NodeShared> {
+        self.shared.clone()
+    }
+
     /// Number of shards running.
     pub fn shards(&self) -> usize {
         self.threads.len()

@@ -1,0 +1,195 @@
+//! The management HTTP API and the Prometheus endpoint, on one plain thread outside the shards.
+//!
+//! Requests are rare and small, so a blocking HTTP/1.1 server (one request per connection,
+//! bounded header size and read timeout) is enough and keeps an HTTP stack off the shards.
+//! Routes: `GET /api/v5/nodes`, `GET /api/v5/metrics`, `GET /api/v5/stats`, `GET /metrics`.
+
+use shardmq_shards::NodeShared;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest request head accepted, bytes.
+const HEAD_MAX_BYTES: usize = 16 * 1024;
+
+/// Binds the API and serves it on a background thread.
+pub fn start(bind: SocketAddr, shared: Arc<NodeShared>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(bind)?;
+    let started = Instant::now();
+    std::thread::Builder::new()
+        .name("mgmt-api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = serve(stream, &shared, started) {
+                    log::debug!("management API request failed: {e}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut head = request_line.len();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line)?;
+        head += n;
+        if n == 0 || line == "\r\n" || line == "\n" || head > HEAD_MAX_BYTES {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = if method != "GET" {
+        (
+            "405 Method Not Allowed",
+            "application/json",
+            r#"{"code":"METHOD_NOT_ALLOWED"}"#.to_string(),
+        )
+    } else {
+        match path {
+            "/metrics" => ("200 OK", "text/plain; version=0.0.4", prometheus(shared)),
+            "/api/v5/metrics" => ("200 OK", "application/json", metrics_json(shared)),
+            "/api/v5/stats" => ("200 OK", "application/json", stats_json(shared)),
+            "/api/v5/nodes" => ("200 OK", "application/json", nodes_json(shared, started)),
+            _ => (
+                "404 Not Found",
+                "application/json",
+                r#"{"code":"NOT_FOUND"}"#.to_string(),
+            ),
+        }
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+/// (name, help, value, is_counter) for every node counter.
+fn counters(shared: &NodeShared) -> Vec<(&'static str, &'static str, i64, bool)> {
+    let m = &shared.metrics;
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+    vec![
+        (
+            "connections",
+            "Live client connections",
+            m.connections.load(Ordering::Relaxed) as i64,
+            false,
+        ),
+        (
+            "subscriptions",
+            "Subscriptions held by all sessions",
+            m.subscriptions.load(Ordering::Relaxed),
+            false,
+        ),
+        (
+            "connections_total",
+            "Connections accepted since start",
+            c(&m.connections_total),
+            true,
+        ),
+        (
+            "disconnects_total",
+            "Connections closed since start",
+            c(&m.disconnects_total),
+            true,
+        ),
+        (
+            "messages_received_total",
+            "PUBLISH packets received",
+            c(&m.messages_received),
+            true,
+        ),
+        (
+            "messages_sent_total",
+            "PUBLISH packets sent",
+            c(&m.messages_sent),
+            true,
+        ),
+        (
+            "messages_dropped_total",
+            "Messages dropped (full queue, too large, expired)",
+            c(&m.messages_dropped),
+            true,
+        ),
+        (
+            "bytes_received_total",
+            "Bytes read from clients",
+            c(&m.bytes_received),
+            true,
+        ),
+        (
+            "bytes_sent_total",
+            "Bytes written to clients",
+            c(&m.bytes_sent),
+            true,
+        ),
+        (
+            "protocol_errors_total",
+            "Connections closed for bad input",
+            c(&m.protocol_errors),
+            true,
+        ),
+        (
+            "refused_total",
+            "Connections refused by a limit",
+            c(&m.refused),
+            true,
+        ),
+    ]
+}
+
+fn prometheus(shared: &NodeShared) -> String {
+    let node = &shared.cfg.node_name;
+    let mut out = String::new();
+    for (name, help, value, counter) in counters(shared) {
+        let kind = if counter { "counter" } else { "gauge" };
+        out.push_str(&format!(
+            "# HELP shardmq_{name} {help}\n# TYPE shardmq_{name} {kind}\nshardmq_{name}{{node=\"{node}\"}} {value}\n"
+        ));
+    }
+    out
+}
+
+fn metrics_json(shared: &NodeShared) -> String {
+    let fields: Vec<String> = counters(shared)
+        .iter()
+        .map(|(n, _, v, _)| format!("\"{n}\":{v}"))
+        .collect();
+    format!(
+        "{{\"node\":\"{}\",{}}}",
+        shared.cfg.node_name,
+        fields.join(",")
+    )
+}
+
+fn stats_json(shared: &NodeShared) -> String {
+    let m = &shared.metrics;
+    format!(
+        "{{\"node\":\"{}\",\"connections.count\":{},\"subscriptions.count\":{}}}",
+        shared.cfg.node_name,
+        m.connections.load(Ordering::Relaxed),
+        m.subscriptions.load(Ordering::Relaxed)
+    )
+}
+
+fn nodes_json(shared: &NodeShared, started: Instant) -> String {
+    format!(
+        "[{{\"node\":\"{}\",\"node_status\":\"running\",\"version\":\"{}\",\"uptime_s\":{},\"shards\":{},\"connections\":{}}}]",
+        shared.cfg.node_name,
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed().as_secs(),
+        shared.cfg.shards,
+        shared.metrics.connections.load(Ordering::Relaxed)
+    )
+}
