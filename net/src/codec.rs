@@ -4,9 +4,21 @@
 //! whole packet and how many bytes it used, or `Ok(None)` to ask for more. The remaining length is
 //! checked against the maximum packet size as soon as the fixed header is complete, so an
 //! oversized packet is refused before its body is read.
+//!
+//! ```
+//! use shardmq_net::{decode, encode, Packet, Protocol};
+//! let mut out = bytes::BytesMut::new();
+//! encode(&Packet::PingReq, Protocol::V311, &mut out);
+//! assert_eq!(&out[..], &[0xC0, 0x00]);
+//! assert_eq!(decode(&out, Protocol::V311, 1024).unwrap(), Some((Packet::PingReq, 2)));
+//! assert_eq!(decode(&out[..1], Protocol::V311, 1024).unwrap(), None);
+//! ```
 
 use crate::packet::*;
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest value of a variable byte integer (MQTT 1.5.5).
+pub const VARINT_MAX: u32 = 268_435_455;
 
 /// Why bytes could not be turned into a packet. Every variant closes the connection; the v5
 /// reason code to send first (if any) comes from [`DecodeError::reason_code`].
@@ -41,12 +53,43 @@ impl DecodeError {
     }
 }
 
+type Result<T> = std::result::Result<T, DecodeError>;
+
+/// Parses the fixed header: (first byte, remaining length, header length), `None` if incomplete.
+fn fixed_header(buf: &[u8]) -> Result<Option<(u8, u32, usize)>> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let mut value: u32 = 0;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        value |= ((b & 0x7F) as u32) << (7 * i);
+        if b & 0x80 == 0 {
+            // MQTT-1.5.5-1: the minimal number of bytes must be used... a trailing 0x80 0x00 is
+            // tolerated by most brokers; we accept it as the spec's decoding algorithm does.
+            return Ok(Some((first, value, 2 + i)));
+        }
+    }
+    Err(DecodeError::BadRemainingLength)
+}
+
 /// Length of the whole packet at the front of `buf` (fixed header included), `Ok(None)` if the
 /// fixed header is not complete yet. Fails if the remaining length is malformed or the packet
 /// would exceed `max_packet_size` bytes.
-pub fn frame_len(buf: &[u8], max_packet_size: u32) -> Result<Option<usize>, DecodeError> {
-    let _ = (buf, max_packet_size);
-    todo!()
+pub fn frame_len(buf: &[u8], max_packet_size: u32) -> Result<Option<usize>> {
+    let Some((_, remaining, header)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
+    let size = header as u64 + remaining as u64;
+    if size > max_packet_size as u64 {
+        return Err(DecodeError::PacketTooLarge {
+            size,
+            max: max_packet_size,
+        });
+    }
+    Ok(Some(size as usize))
 }
 
 /// Decodes one packet from the front of `buf`. `protocol` is the level of the connection (it
@@ -56,21 +99,1256 @@ pub fn decode(
     buf: &[u8],
     protocol: Protocol,
     max_packet_size: u32,
-) -> Result<Option<(Packet, usize)>, DecodeError> {
-    let _ = (buf, protocol, max_packet_size);
-    todo!()
+) -> Result<Option<(Packet, usize)>> {
+    let Some(total) = frame_len(buf, max_packet_size)? else {
+        return Ok(None);
+    };
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let (first, _, header) = fixed_header(buf)?.expect("complete: frame_len succeeded");
+    let body = &buf[header..total];
+    let packet = decode_body(first, body, protocol)?;
+    Ok(Some((packet, total)))
+}
+
+/// Cursor over a packet body; every read is bounds-checked.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.remaining() < n {
+            return Err(DecodeError::Malformed(
+                "packet body shorter than its fields",
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn varint(&mut self) -> Result<u32> {
+        let mut value: u32 = 0;
+        for i in 0..4 {
+            let b = self.u8()?;
+            value |= ((b & 0x7F) as u32) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::Malformed(
+            "variable byte integer longer than 4 bytes",
+        ))
+    }
+
+    fn binary(&mut self) -> Result<&'a [u8]> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let raw = self.binary()?;
+        let s = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8)?;
+        // MQTT-1.5.4-2: no U+0000 in UTF-8 strings.
+        if s.contains('\0') {
+            return Err(DecodeError::InvalidUtf8);
+        }
+        Ok(s.to_string())
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+
+    fn packet_id(&mut self) -> Result<u16> {
+        let id = self.u16()?;
+        if id == 0 {
+            // MQTT-2.2.1-3: packet identifiers are non-zero.
+            return Err(DecodeError::Protocol("packet identifier 0"));
+        }
+        Ok(id)
+    }
+
+    fn done(&self) -> Result<()> {
+        if self.remaining() != 0 {
+            return Err(DecodeError::Malformed("bytes left after the last field"));
+        }
+        Ok(())
+    }
+}
+
+/// Which packet a property block belongs to; decides which identifiers are allowed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PropCtx {
+    Connect,
+    Will,
+    ConnAck,
+    Publish,
+    Ack,
+    Subscribe,
+    SubAck,
+    Unsubscribe,
+    Disconnect,
+    Auth,
+}
+
+fn allowed(ctx: PropCtx, id: u8) -> bool {
+    use PropCtx::*;
+    let list: &[u8] = match ctx {
+        Connect => &[0x11, 0x21, 0x27, 0x22, 0x19, 0x17, 0x26, 0x15, 0x16],
+        Will => &[0x18, 0x01, 0x02, 0x03, 0x08, 0x09, 0x26],
+        ConnAck => &[
+            0x11, 0x21, 0x24, 0x25, 0x27, 0x12, 0x22, 0x1F, 0x26, 0x28, 0x29, 0x2A, 0x13, 0x1A,
+            0x1C, 0x15, 0x16,
+        ],
+        Publish => &[0x01, 0x02, 0x23, 0x08, 0x09, 0x26, 0x0B, 0x03],
+        Ack | SubAck => &[0x1F, 0x26],
+        Subscribe => &[0x0B, 0x26],
+        Unsubscribe => &[0x26],
+        Disconnect => &[0x11, 0x1F, 0x26, 0x1C],
+        Auth => &[0x15, 0x16, 0x1F, 0x26],
+    };
+    list.contains(&id)
+}
+
+fn flag01(v: u8) -> Result<u8> {
+    if v > 1 {
+        return Err(DecodeError::Protocol("property value must be 0 or 1"));
+    }
+    Ok(v)
+}
+
+fn read_properties(r: &mut Reader, ctx: PropCtx) -> Result<Properties> {
+    let len = r.varint()? as usize;
+    let block = r.take(len)?;
+    let mut r = Reader::new(block);
+    let mut p = Properties::default();
+    let mut seen: u64 = 0;
+    while r.remaining() > 0 {
+        let id = r.varint()?;
+        if id > 0x7F {
+            return Err(DecodeError::Malformed("unknown property identifier"));
+        }
+        let id = id as u8;
+        if !allowed(ctx, id) {
+            return Err(DecodeError::Malformed(
+                "property not allowed in this packet",
+            ));
+        }
+        // MQTT 2.2.2.2: only user properties (and subscription ids in PUBLISH) may repeat.
+        let repeatable = id == 0x26 || (id == 0x0B && ctx == PropCtx::Publish);
+        if !repeatable {
+            if seen & (1 << id) != 0 {
+                return Err(DecodeError::Protocol("property appears twice"));
+            }
+            seen |= 1 << id;
+        }
+        match id {
+            0x01 => p.payload_format_indicator = Some(flag01(r.u8()?)?),
+            0x02 => p.message_expiry_interval = Some(r.u32()?),
+            0x03 => p.content_type = Some(r.string()?),
+            0x08 => p.response_topic = Some(r.string()?),
+            0x09 => p.correlation_data = Some(Bytes::copy_from_slice(r.binary()?)),
+            0x0B => {
+                let v = r.varint()?;
+                if v == 0 {
+                    return Err(DecodeError::Protocol("subscription identifier 0"));
+                }
+                p.subscription_identifiers.push(v);
+            }
+            0x11 => p.session_expiry_interval = Some(r.u32()?),
+            0x12 => p.assigned_client_identifier = Some(r.string()?),
+            0x13 => p.server_keep_alive = Some(r.u16()?),
+            0x15 => p.authentication_method = Some(r.string()?),
+            0x16 => p.authentication_data = Some(Bytes::copy_from_slice(r.binary()?)),
+            0x17 => p.request_problem_information = Some(flag01(r.u8()?)?),
+            0x18 => p.will_delay_interval = Some(r.u32()?),
+            0x19 => p.request_response_information = Some(flag01(r.u8()?)?),
+            0x1A => p.response_information = Some(r.string()?),
+            0x1C => p.server_reference = Some(r.string()?),
+            0x1F => p.reason_string = Some(r.string()?),
+            0x21 => {
+                let v = r.u16()?;
+                if v == 0 {
+                    return Err(DecodeError::Protocol("receive maximum 0"));
+                }
+                p.receive_maximum = Some(v);
+            }
+            0x22 => p.topic_alias_maximum = Some(r.u16()?),
+            0x23 => {
+                let v = r.u16()?;
+                if v == 0 {
+                    return Err(DecodeError::Protocol("topic alias 0"));
+                }
+                p.topic_alias = Some(v);
+            }
+            0x24 => p.maximum_qos = Some(flag01(r.u8()?)?),
+            0x25 => p.retain_available = Some(flag01(r.u8()?)?),
+            0x26 => {
+                let k = r.string()?;
+                let v = r.string()?;
+                p.user_properties.push((k, v));
+            }
+            0x27 => {
+                let v = r.u32()?;
+                if v == 0 {
+                    return Err(DecodeError::Protocol("maximum packet size 0"));
+                }
+                p.maximum_packet_size = Some(v);
+            }
+            0x28 => p.wildcard_subscription_available = Some(flag01(r.u8()?)?),
+            0x29 => p.subscription_identifier_available = Some(flag01(r.u8()?)?),
+            0x2A => p.shared_subscription_available = Some(flag01(r.u8()?)?),
+            _ => return Err(DecodeError::Malformed("unknown property identifier")),
+        }
+    }
+    if ctx == PropCtx::Subscribe && p.subscription_identifiers.len() > 1 {
+        return Err(DecodeError::Protocol(
+            "more than one subscription identifier",
+        ));
+    }
+    Ok(p)
+}
+
+fn reason(v: u8) -> Result<ReasonCode> {
+    ReasonCode::from_u8(v).ok_or(DecodeError::Malformed("unknown reason code"))
+}
+
+fn decode_body(first: u8, body: &[u8], protocol: Protocol) -> Result<Packet> {
+    let kind = first >> 4;
+    let flags = first & 0x0F;
+    let v5 = protocol.is_v5();
+    // MQTT-2.1.3-1: reserved flag bits must hold their fixed values.
+    let want_flags = match kind {
+        3 => flags,
+        6 | 8 | 10 => 0b0010,
+        _ => 0,
+    };
+    if flags != want_flags {
+        return Err(DecodeError::Malformed("reserved fixed header flags"));
+    }
+    let mut r = Reader::new(body);
+    let packet = match kind {
+        1 => Packet::Connect(Box::new(decode_connect(&mut r)?)),
+        2 => {
+            let ack_flags = r.u8()?;
+            if ack_flags & 0xFE != 0 {
+                return Err(DecodeError::Malformed("CONNACK reserved flags"));
+            }
+            let code = r.u8()?;
+            let reason = if v5 {
+                reason(code)?
+            } else {
+                match code {
+                    0 => ReasonCode::Success,
+                    1 => ReasonCode::UnsupportedProtocolVersion,
+                    2 => ReasonCode::ClientIdentifierNotValid,
+                    3 => ReasonCode::ServerUnavailable,
+                    4 => ReasonCode::BadUserNameOrPassword,
+                    5 => ReasonCode::NotAuthorized,
+                    _ => return Err(DecodeError::Malformed("unknown CONNACK return code")),
+                }
+            };
+            let properties = if v5 {
+                read_properties(&mut r, PropCtx::ConnAck)?
+            } else {
+                Properties::default()
+            };
+            Packet::ConnAck(ConnAck {
+                session_present: ack_flags & 1 == 1,
+                reason,
+                properties,
+            })
+        }
+        3 => {
+            let qos = QoS::from_u8((flags >> 1) & 3)
+                .ok_or(DecodeError::Malformed("PUBLISH with QoS 3"))?;
+            let dup = flags & 0b1000 != 0;
+            if dup && qos == QoS::AtMostOnce {
+                // MQTT-3.3.1-2.
+                return Err(DecodeError::Malformed("DUP set on a QoS 0 PUBLISH"));
+            }
+            let topic = r.string()?;
+            let packet_id = if qos == QoS::AtMostOnce {
+                0
+            } else {
+                r.packet_id()?
+            };
+            let properties = if v5 {
+                read_properties(&mut r, PropCtx::Publish)?
+            } else {
+                Properties::default()
+            };
+            let payload = Bytes::copy_from_slice(r.rest());
+            Packet::Publish(Publish {
+                dup,
+                qos,
+                retain: flags & 1 == 1,
+                topic,
+                packet_id,
+                payload,
+                properties,
+            })
+        }
+        4..=7 => {
+            let packet_id = r.packet_id()?;
+            let mut resp = PubResp {
+                packet_id,
+                ..Default::default()
+            };
+            if v5 && r.remaining() > 0 {
+                resp.reason = reason(r.u8()?)?;
+                if r.remaining() > 0 {
+                    resp.properties = read_properties(&mut r, PropCtx::Ack)?;
+                }
+            }
+            match kind {
+                4 => Packet::PubAck(resp),
+                5 => Packet::PubRec(resp),
+                6 => Packet::PubRel(resp),
+                _ => Packet::PubComp(resp),
+            }
+        }
+        8 => {
+            let packet_id = r.packet_id()?;
+            let properties = if v5 {
+                read_properties(&mut r, PropCtx::Subscribe)?
+            } else {
+                Properties::default()
+            };
+            let mut filters = Vec::new();
+            while r.remaining() > 0 {
+                let filter = r.string()?;
+                let o = r.u8()?;
+                let options = if v5 {
+                    if o & 0xC0 != 0 {
+                        return Err(DecodeError::Malformed("subscription options reserved bits"));
+                    }
+                    SubscriptionOptions {
+                        qos: QoS::from_u8(o & 3)
+                            .ok_or(DecodeError::Malformed("subscription QoS 3"))?,
+                        no_local: o & 0x04 != 0,
+                        retain_as_published: o & 0x08 != 0,
+                        retain_handling: match (o >> 4) & 3 {
+                            0 => RetainHandling::SendAtSubscribe,
+                            1 => RetainHandling::SendIfNew,
+                            2 => RetainHandling::DoNotSend,
+                            _ => return Err(DecodeError::Malformed("retain handling 3")),
+                        },
+                    }
+                } else {
+                    // MQTT-3.8.3-4: the upper 6 bits are reserved in 3.1.1.
+                    if o & 0xFC != 0 {
+                        return Err(DecodeError::Malformed("requested QoS reserved bits"));
+                    }
+                    SubscriptionOptions {
+                        qos: QoS::from_u8(o).ok_or(DecodeError::Malformed("subscription QoS 3"))?,
+                        ..Default::default()
+                    }
+                };
+                filters.push((filter, options));
+            }
+            if filters.is_empty() {
+                // MQTT-3.8.3-3.
+                return Err(DecodeError::Protocol("SUBSCRIBE without a topic filter"));
+            }
+            Packet::Subscribe(Subscribe {
+                packet_id,
+                filters,
+                properties,
+            })
+        }
+        9 => {
+            let packet_id = r.packet_id()?;
+            let properties = if v5 {
+                read_properties(&mut r, PropCtx::SubAck)?
+            } else {
+                Properties::default()
+            };
+            let mut reasons = Vec::with_capacity(r.remaining());
+            for &b in r.rest() {
+                let code = if v5 {
+                    reason(b)?
+                } else {
+                    match b {
+                        0 => ReasonCode::Success,
+                        1 => ReasonCode::GrantedQoS1,
+                        2 => ReasonCode::GrantedQoS2,
+                        0x80 => ReasonCode::UnspecifiedError,
+                        _ => return Err(DecodeError::Malformed("unknown SUBACK return code")),
+                    }
+                };
+                reasons.push(code);
+            }
+            Packet::SubAck(SubAck {
+                packet_id,
+                reasons,
+                properties,
+            })
+        }
+        10 => {
+            let packet_id = r.packet_id()?;
+            let properties = if v5 {
+                read_properties(&mut r, PropCtx::Unsubscribe)?
+            } else {
+                Properties::default()
+            };
+            let mut filters = Vec::new();
+            while r.remaining() > 0 {
+                filters.push(r.string()?);
+            }
+            if filters.is_empty() {
+                // MQTT-3.10.3-2.
+                return Err(DecodeError::Protocol("UNSUBSCRIBE without a topic filter"));
+            }
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id,
+                filters,
+                properties,
+            })
+        }
+        11 => {
+            let packet_id = r.packet_id()?;
+            let (properties, reasons) = if v5 {
+                let p = read_properties(&mut r, PropCtx::SubAck)?;
+                let reasons = r
+                    .rest()
+                    .iter()
+                    .map(|&b| reason(b))
+                    .collect::<Result<Vec<_>>>()?;
+                (p, reasons)
+            } else {
+                (Properties::default(), Vec::new())
+            };
+            Packet::UnsubAck(UnsubAck {
+                packet_id,
+                reasons,
+                properties,
+            })
+        }
+        12 => Packet::PingReq,
+        13 => Packet::PingResp,
+        14 => {
+            let mut d = Disconnect::default();
+            if v5 && r.remaining() > 0 {
+                d.reason = reason(r.u8()?)?;
+                if r.remaining() > 0 {
+                    d.properties = read_properties(&mut r, PropCtx::Disconnect)?;
+                }
+            }
+            Packet::Disconnect(d)
+        }
+        15 if v5 => {
+            let mut a = Auth::default();
+            if r.remaining() > 0 {
+                a.reason = reason(r.u8()?)?;
+                if r.remaining() > 0 {
+                    a.properties = read_properties(&mut r, PropCtx::Auth)?;
+                }
+            }
+            Packet::Auth(a)
+        }
+        _ => return Err(DecodeError::Malformed("unknown packet type")),
+    };
+    r.done()?;
+    Ok(packet)
+}
+
+fn decode_connect(r: &mut Reader) -> Result<Connect> {
+    let name = r.binary()?;
+    let level = r.u8()?;
+    let protocol = match (name, level) {
+        (b"MQTT", 4) => Protocol::V311,
+        (b"MQTT", 5) => Protocol::V5,
+        (b"MQIsdp", 3) => Protocol::V31,
+        _ => {
+            return Err(DecodeError::UnsupportedProtocol {
+                level,
+                name: String::from_utf8_lossy(name).into_owned(),
+            })
+        }
+    };
+    let v5 = protocol.is_v5();
+    let flags = r.u8()?;
+    if flags & 1 != 0 {
+        // MQTT-3.1.2-3.
+        return Err(DecodeError::Malformed("CONNECT reserved flag set"));
+    }
+    let will_flag = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 3;
+    let will_retain = flags & 0x20 != 0;
+    if !will_flag && (will_qos != 0 || will_retain) {
+        // MQTT-3.1.2-11/13/15.
+        return Err(DecodeError::Malformed("will QoS or retain without a will"));
+    }
+    let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::Malformed("will QoS 3"))?;
+    let has_username = flags & 0x80 != 0;
+    let has_password = flags & 0x40 != 0;
+    if protocol != Protocol::V5 && has_password && !has_username {
+        // MQTT-3.1.2-22.
+        return Err(DecodeError::Malformed("password without user name"));
+    }
+    let keep_alive = r.u16()?;
+    let properties = if v5 {
+        read_properties(r, PropCtx::Connect)?
+    } else {
+        Properties::default()
+    };
+    let client_id = r.string()?;
+    let will = if will_flag {
+        let will_props = if v5 {
+            read_properties(r, PropCtx::Will)?
+        } else {
+            Properties::default()
+        };
+        let topic = r.string()?;
+        let payload = Bytes::copy_from_slice(r.binary()?);
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            properties: will_props,
+        })
+    } else {
+        None
+    };
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(Bytes::copy_from_slice(r.binary()?))
+    } else {
+        None
+    };
+    Ok(Connect {
+        protocol,
+        clean_start: flags & 0x02 != 0,
+        keep_alive,
+        client_id,
+        will,
+        username,
+        password,
+        properties,
+    })
+}
+
+// ------------------------------------------------------------------------------------ encoding
+
+fn varint_len(v: usize) -> usize {
+    match v {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn put_varint(out: &mut BytesMut, mut v: usize) {
+    debug_assert!(v <= VARINT_MAX as usize);
+    loop {
+        let mut b = (v & 0x7F) as u8;
+        v >>= 7;
+        if v > 0 {
+            b |= 0x80;
+        }
+        out.put_u8(b);
+        if v == 0 {
+            return;
+        }
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    put_bin(out, s.as_bytes());
+}
+
+fn put_bin(out: &mut BytesMut, b: &[u8]) {
+    // Strings and binary data are limited to 65,535 bytes (MQTT 1.5.4/1.5.6); callers keep
+    // to that, so truncation here can only follow a caller's bug.
+    let n = b.len().min(u16::MAX as usize);
+    out.put_u16(n as u16);
+    out.put_slice(&b[..n]);
+}
+
+fn str_len(s: &str) -> usize {
+    2 + s.len()
+}
+
+/// Bytes of the property block content (without its length prefix).
+fn props_len(p: &Properties) -> usize {
+    let mut n = 0;
+    let b = |v: &Option<u8>| v.map_or(0, |_| 2);
+    let h = |v: &Option<u16>| v.map_or(0, |_| 3);
+    let w = |v: &Option<u32>| v.map_or(0, |_| 5);
+    let s = |v: &Option<String>| v.as_ref().map_or(0, |s| 1 + str_len(s));
+    let d = |v: &Option<Bytes>| v.as_ref().map_or(0, |d| 3 + d.len());
+    n += b(&p.payload_format_indicator) + w(&p.message_expiry_interval) + s(&p.content_type);
+    n += s(&p.response_topic) + d(&p.correlation_data);
+    n += p
+        .subscription_identifiers
+        .iter()
+        .map(|&v| 1 + varint_len(v as usize))
+        .sum::<usize>();
+    n += w(&p.session_expiry_interval) + s(&p.assigned_client_identifier) + h(&p.server_keep_alive);
+    n +=
+        s(&p.authentication_method) + d(&p.authentication_data) + b(&p.request_problem_information);
+    n +=
+        w(&p.will_delay_interval) + b(&p.request_response_information) + s(&p.response_information);
+    n += s(&p.server_reference) + s(&p.reason_string) + h(&p.receive_maximum);
+    n += h(&p.topic_alias_maximum) + h(&p.topic_alias) + b(&p.maximum_qos) + b(&p.retain_available);
+    n += p
+        .user_properties
+        .iter()
+        .map(|(k, v)| 1 + str_len(k) + str_len(v))
+        .sum::<usize>();
+    n += w(&p.maximum_packet_size) + b(&p.wildcard_subscription_available);
+    n += b(&p.subscription_identifier_available) + b(&p.shared_subscription_available);
+    n
+}
+
+fn put_props(out: &mut BytesMut, p: &Properties) {
+    put_varint(out, props_len(p));
+    let b = |out: &mut BytesMut, id: u8, v: Option<u8>| {
+        if let Some(v) = v {
+            out.put_u8(id);
+            out.put_u8(v);
+        }
+    };
+    b(out, 0x01, p.payload_format_indicator);
+    if let Some(v) = p.message_expiry_interval {
+        out.put_u8(0x02);
+        out.put_u32(v);
+    }
+    let s = |out: &mut BytesMut, id: u8, v: &Option<String>| {
+        if let Some(v) = v {
+            out.put_u8(id);
+            put_str(out, v);
+        }
+    };
+    let h = |out: &mut BytesMut, id: u8, v: Option<u16>| {
+        if let Some(v) = v {
+            out.put_u8(id);
+            out.put_u16(v);
+        }
+    };
+    let w = |out: &mut BytesMut, id: u8, v: Option<u32>| {
+        if let Some(v) = v {
+            out.put_u8(id);
+            out.put_u32(v);
+        }
+    };
+    s(out, 0x03, &p.content_type);
+    s(out, 0x08, &p.response_topic);
+    if let Some(d) = &p.correlation_data {
+        out.put_u8(0x09);
+        put_bin(out, d);
+    }
+    for &id in &p.subscription_identifiers {
+        out.put_u8(0x0B);
+        put_varint(out, id as usize);
+    }
+    w(out, 0x11, p.session_expiry_interval);
+    s(out, 0x12, &p.assigned_client_identifier);
+    h(out, 0x13, p.server_keep_alive);
+    s(out, 0x15, &p.authentication_method);
+    if let Some(d) = &p.authentication_data {
+        out.put_u8(0x16);
+        put_bin(out, d);
+    }
+    b(out, 0x17, p.request_problem_information);
+    w(out, 0x18, p.will_delay_interval);
+    b(out, 0x19, p.request_response_information);
+    s(out, 0x1A, &p.response_information);
+    s(out, 0x1C, &p.server_reference);
+    s(out, 0x1F, &p.reason_string);
+    h(out, 0x21, p.receive_maximum);
+    h(out, 0x22, p.topic_alias_maximum);
+    h(out, 0x23, p.topic_alias);
+    b(out, 0x24, p.maximum_qos);
+    b(out, 0x25, p.retain_available);
+    for (k, v) in &p.user_properties {
+        out.put_u8(0x26);
+        put_str(out, k);
+        put_str(out, v);
+    }
+    w(out, 0x27, p.maximum_packet_size);
+    b(out, 0x28, p.wildcard_subscription_available);
+    b(out, 0x29, p.subscription_identifier_available);
+    b(out, 0x2A, p.shared_subscription_available);
+}
+
+/// Length of a property block including its length prefix.
+fn props_block_len(p: &Properties) -> usize {
+    let n = props_len(p);
+    varint_len(n) + n
+}
+
+fn v3_connack_code(r: ReasonCode) -> u8 {
+    match r {
+        ReasonCode::Success => 0,
+        ReasonCode::UnsupportedProtocolVersion => 1,
+        ReasonCode::ClientIdentifierNotValid => 2,
+        ReasonCode::BadUserNameOrPassword => 4,
+        ReasonCode::NotAuthorized | ReasonCode::Banned => 5,
+        // Every other refusal reads as "server unavailable" to a 3.1.1 client.
+        _ => 3,
+    }
+}
+
+fn v3_suback_code(r: ReasonCode) -> u8 {
+    match r {
+        ReasonCode::Success => 0,
+        ReasonCode::GrantedQoS1 => 1,
+        ReasonCode::GrantedQoS2 => 2,
+        _ => 0x80,
+    }
+}
+
+fn header(out: &mut BytesMut, first: u8, remaining: usize) {
+    out.put_u8(first);
+    put_varint(out, remaining);
 }
 
 /// Appends `packet` encoded for `protocol` to `out`.
 pub fn encode(packet: &Packet, protocol: Protocol, out: &mut BytesMut) {
-    let _ = (packet, protocol, out);
-    todo!()
+    let v5 = protocol.is_v5();
+    match packet {
+        Packet::Connect(c) => encode_connect(c, out),
+        Packet::ConnAck(a) => {
+            let props = if v5 {
+                props_block_len(&a.properties)
+            } else {
+                0
+            };
+            header(out, 0x20, 2 + props);
+            out.put_u8(a.session_present as u8);
+            out.put_u8(if v5 {
+                a.reason as u8
+            } else {
+                v3_connack_code(a.reason)
+            });
+            if v5 {
+                put_props(out, &a.properties);
+            }
+        }
+        Packet::Publish(p) => {
+            encode_publish_header(p, protocol, out);
+            out.put_slice(&p.payload);
+        }
+        Packet::PubAck(r) => encode_resp(0x40, r, v5, out),
+        Packet::PubRec(r) => encode_resp(0x50, r, v5, out),
+        Packet::PubRel(r) => encode_resp(0x62, r, v5, out),
+        Packet::PubComp(r) => encode_resp(0x70, r, v5, out),
+        Packet::Subscribe(s) => {
+            let props = if v5 {
+                props_block_len(&s.properties)
+            } else {
+                0
+            };
+            let list: usize = s.filters.iter().map(|(f, _)| str_len(f) + 1).sum();
+            header(out, 0x82, 2 + props + list);
+            out.put_u16(s.packet_id);
+            if v5 {
+                put_props(out, &s.properties);
+            }
+            for (f, o) in &s.filters {
+                put_str(out, f);
+                let mut b = o.qos as u8;
+                if v5 {
+                    b |= (o.no_local as u8) << 2
+                        | (o.retain_as_published as u8) << 3
+                        | (o.retain_handling as u8) << 4;
+                }
+                out.put_u8(b);
+            }
+        }
+        Packet::SubAck(s) => {
+            let props = if v5 {
+                props_block_len(&s.properties)
+            } else {
+                0
+            };
+            header(out, 0x90, 2 + props + s.reasons.len());
+            out.put_u16(s.packet_id);
+            if v5 {
+                put_props(out, &s.properties);
+            }
+            for &r in &s.reasons {
+                out.put_u8(if v5 { r as u8 } else { v3_suback_code(r) });
+            }
+        }
+        Packet::Unsubscribe(u) => {
+            let props = if v5 {
+                props_block_len(&u.properties)
+            } else {
+                0
+            };
+            let list: usize = u.filters.iter().map(|f| str_len(f)).sum();
+            header(out, 0xA2, 2 + props + list);
+            out.put_u16(u.packet_id);
+            if v5 {
+                put_props(out, &u.properties);
+            }
+            for f in &u.filters {
+                put_str(out, f);
+            }
+        }
+        Packet::UnsubAck(u) => {
+            if v5 {
+                header(
+                    out,
+                    0xB0,
+                    2 + props_block_len(&u.properties) + u.reasons.len(),
+                );
+                out.put_u16(u.packet_id);
+                put_props(out, &u.properties);
+                for &r in &u.reasons {
+                    out.put_u8(r as u8);
+                }
+            } else {
+                header(out, 0xB0, 2);
+                out.put_u16(u.packet_id);
+            }
+        }
+        Packet::PingReq => header(out, 0xC0, 0),
+        Packet::PingResp => header(out, 0xD0, 0),
+        Packet::Disconnect(d) => encode_reason_only(0xE0, d.reason, &d.properties, v5, out),
+        Packet::Auth(a) => encode_reason_only(0xF0, a.reason, &a.properties, true, out),
+    }
+}
+
+fn encode_reason_only(
+    first: u8,
+    reason: ReasonCode,
+    props: &Properties,
+    v5: bool,
+    out: &mut BytesMut,
+) {
+    if !v5 || (reason == ReasonCode::Success && props.is_empty()) {
+        header(out, first, 0);
+    } else if props.is_empty() {
+        header(out, first, 1);
+        out.put_u8(reason as u8);
+    } else {
+        header(out, first, 1 + props_block_len(props));
+        out.put_u8(reason as u8);
+        put_props(out, props);
+    }
+}
+
+fn encode_resp(first: u8, r: &PubResp, v5: bool, out: &mut BytesMut) {
+    // MQTT 3.4.2.1: reason Success without properties may use the 2-byte form.
+    if !v5 || (r.reason == ReasonCode::Success && r.properties.is_empty()) {
+        header(out, first, 2);
+        out.put_u16(r.packet_id);
+    } else if r.properties.is_empty() {
+        header(out, first, 3);
+        out.put_u16(r.packet_id);
+        out.put_u8(r.reason as u8);
+    } else {
+        header(out, first, 3 + props_block_len(&r.properties));
+        out.put_u16(r.packet_id);
+        out.put_u8(r.reason as u8);
+        put_props(out, &r.properties);
+    }
+}
+
+fn encode_connect(c: &Connect, out: &mut BytesMut) {
+    let v5 = c.protocol.is_v5();
+    let name: &str = if c.protocol == Protocol::V31 {
+        "MQIsdp"
+    } else {
+        "MQTT"
+    };
+    let mut len = str_len(name) + 1 + 1 + 2;
+    if v5 {
+        len += props_block_len(&c.properties);
+    }
+    len += str_len(&c.client_id);
+    if let Some(w) = &c.will {
+        if v5 {
+            len += props_block_len(&w.properties);
+        }
+        len += str_len(&w.topic) + 2 + w.payload.len();
+    }
+    if let Some(u) = &c.username {
+        len += str_len(u);
+    }
+    if let Some(p) = &c.password {
+        len += 2 + p.len();
+    }
+    header(out, 0x10, len);
+    put_str(out, name);
+    out.put_u8(c.protocol.level());
+    let mut flags = (c.clean_start as u8) << 1;
+    if let Some(w) = &c.will {
+        flags |= 0x04 | (w.qos as u8) << 3 | (w.retain as u8) << 5;
+    }
+    if c.password.is_some() {
+        flags |= 0x40;
+    }
+    if c.username.is_some() {
+        flags |= 0x80;
+    }
+    out.put_u8(flags);
+    out.put_u16(c.keep_alive);
+    if v5 {
+        put_props(out, &c.properties);
+    }
+    put_str(out, &c.client_id);
+    if let Some(w) = &c.will {
+        if v5 {
+            put_props(out, &w.properties);
+        }
+        put_str(out, &w.topic);
+        put_bin(out, &w.payload);
+    }
+    if let Some(u) = &c.username {
+        put_str(out, u);
+    }
+    if let Some(p) = &c.password {
+        put_bin(out, p);
+    }
 }
 
 /// Appends everything of `publish` except its payload (fixed header with the full remaining
 /// length, topic, packet id, properties), so the payload `Bytes` can be sent as a separate
 /// iovec without copying. Returns the number of bytes written.
 pub fn encode_publish_header(publish: &Publish, protocol: Protocol, out: &mut BytesMut) -> usize {
-    let _ = (publish, protocol, out);
-    todo!()
+    encode_publish_header_parts(
+        &publish.topic,
+        publish.qos,
+        publish.dup,
+        publish.retain,
+        publish.packet_id,
+        protocol.is_v5().then_some(&publish.properties),
+        publish.payload.len(),
+        out,
+    )
+}
+
+/// [`encode_publish_header`] from borrowed parts, so a broker can send a shared topic string
+/// without building a `Publish`. `properties` is `None` for 3.x.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_publish_header_parts(
+    topic: &str,
+    qos: QoS,
+    dup: bool,
+    retain: bool,
+    packet_id: u16,
+    properties: Option<&Properties>,
+    payload_len: usize,
+    out: &mut BytesMut,
+) -> usize {
+    let start = out.len();
+    let mut remaining = str_len(topic) + payload_len;
+    if qos != QoS::AtMostOnce {
+        remaining += 2;
+    }
+    if let Some(p) = properties {
+        remaining += props_block_len(p);
+    }
+    let first = 0x30 | (dup as u8) << 3 | (qos as u8) << 1 | retain as u8;
+    header(out, first, remaining);
+    put_str(out, topic);
+    if qos != QoS::AtMostOnce {
+        out.put_u16(packet_id);
+    }
+    if let Some(p) = properties {
+        put_props(out, p);
+    }
+    out.len() - start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(p: &Packet, proto: Protocol) {
+        let mut out = BytesMut::new();
+        encode(p, proto, &mut out);
+        let (got, used) = decode(&out, proto, u32::MAX).unwrap().unwrap();
+        assert_eq!(&got, p);
+        assert_eq!(used, out.len());
+        for cut in 0..out.len() {
+            assert_eq!(
+                decode(&out[..cut], proto, u32::MAX).unwrap(),
+                None,
+                "prefix {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn spec_connect_311_decodes() {
+        // CONNECT, MQTT 3.1.1, clean session, keep-alive 60, client id "c1".
+        let bytes = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'c', b'1',
+        ];
+        let (p, n) = decode(&bytes, Protocol::V311, 1024).unwrap().unwrap();
+        assert_eq!(n, bytes.len());
+        let Packet::Connect(c) = p else {
+            panic!("not CONNECT")
+        };
+        assert_eq!(
+            (
+                c.protocol,
+                c.clean_start,
+                c.keep_alive,
+                c.client_id.as_str()
+            ),
+            (Protocol::V311, true, 60, "c1")
+        );
+    }
+
+    #[test]
+    fn remaining_length_of_five_bytes_is_rejected() {
+        let bytes = [0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
+        assert_eq!(
+            decode(&bytes, Protocol::V311, u32::MAX),
+            Err(DecodeError::BadRemainingLength)
+        );
+    }
+
+    #[test]
+    fn oversized_packet_is_refused_from_its_header_alone() {
+        let bytes = [0x30, 0x80, 0x80, 0x01];
+        assert!(matches!(
+            decode(&bytes, Protocol::V311, 1024),
+            Err(DecodeError::PacketTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn publish_with_qos_3_is_malformed() {
+        let bytes = [0x36, 3, 0, 1, b'a'];
+        assert!(matches!(
+            decode(&bytes, Protocol::V311, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_utf8_topic_is_rejected() {
+        let bytes = [0x30, 4, 0, 2, 0xC3, 0x28];
+        assert_eq!(
+            decode(&bytes, Protocol::V311, 1024),
+            Err(DecodeError::InvalidUtf8)
+        );
+        let nul = [0x30, 4, 0, 2, b'a', 0];
+        assert_eq!(
+            decode(&nul, Protocol::V311, 1024),
+            Err(DecodeError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn reserved_flags_are_checked() {
+        assert!(
+            decode(&[0x80, 5, 0, 1, 0, 1, b'a'], Protocol::V311, 1024).is_err(),
+            "SUBSCRIBE flags 0"
+        );
+        assert!(
+            decode(&[0xC1, 0], Protocol::V311, 1024).is_err(),
+            "PINGREQ flags 1"
+        );
+        assert!(decode(&[0x00, 0], Protocol::V311, 1024).is_err(), "type 0");
+        assert!(
+            decode(&[0xF0, 0], Protocol::V311, 1024).is_err(),
+            "AUTH in 3.1.1"
+        );
+    }
+
+    #[test]
+    fn unknown_protocol_level_is_reported_with_its_level() {
+        let bytes = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 60, 0, 0];
+        assert!(matches!(
+            decode(&bytes, Protocol::V311, 1024),
+            Err(DecodeError::UnsupportedProtocol { level: 6, .. })
+        ));
+    }
+
+    #[test]
+    fn empty_subscribe_is_a_protocol_error() {
+        assert!(matches!(
+            decode(&[0x82, 2, 0, 1], Protocol::V311, 1024),
+            Err(DecodeError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn duplicate_property_is_a_protocol_error() {
+        // PUBACK v5 with reason 0 and two reason strings.
+        let bytes = [0x40, 10, 0, 1, 0, 6, 0x1F, 0, 0, 0x1F, 0, 0];
+        assert!(matches!(
+            decode(&bytes, Protocol::V5, 1024),
+            Err(DecodeError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn packets_round_trip_in_every_protocol() {
+        let mut props = Properties::default();
+        props.user_properties.push(("k".into(), "v".into()));
+        props.message_expiry_interval = Some(30);
+        props.subscription_identifiers = vec![1, 300];
+        props.correlation_data = Some(Bytes::from_static(b"x"));
+        for proto in [Protocol::V31, Protocol::V311, Protocol::V5] {
+            let v5 = proto.is_v5();
+            let pr = |p: &Properties| if v5 { p.clone() } else { Properties::default() };
+            round_trip(
+                &Packet::Publish(Publish {
+                    dup: true,
+                    qos: QoS::ExactlyOnce,
+                    retain: true,
+                    topic: "a/b".into(),
+                    packet_id: 9,
+                    payload: Bytes::from_static(b"hello"),
+                    properties: pr(&props),
+                }),
+                proto,
+            );
+            round_trip(
+                &Packet::Connect(Box::new(Connect {
+                    protocol: proto,
+                    clean_start: false,
+                    keep_alive: 30,
+                    client_id: "id".into(),
+                    will: Some(Will {
+                        topic: "w".into(),
+                        payload: Bytes::from_static(b"bye"),
+                        qos: QoS::AtLeastOnce,
+                        retain: true,
+                        properties: Properties::default(),
+                    }),
+                    username: Some("u".into()),
+                    password: Some(Bytes::from_static(b"p")),
+                    properties: Properties::default(),
+                })),
+                proto,
+            );
+            let opts = SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            };
+            round_trip(
+                &Packet::Subscribe(Subscribe {
+                    packet_id: 3,
+                    filters: vec![
+                        ("a/#".into(), opts),
+                        ("b".into(), SubscriptionOptions::default()),
+                    ],
+                    properties: Properties::default(),
+                }),
+                proto,
+            );
+            round_trip(
+                &Packet::SubAck(SubAck {
+                    packet_id: 3,
+                    reasons: vec![ReasonCode::GrantedQoS1, ReasonCode::UnspecifiedError],
+                    properties: Properties::default(),
+                }),
+                proto,
+            );
+            round_trip(
+                &Packet::Unsubscribe(Unsubscribe {
+                    packet_id: 4,
+                    filters: vec!["a/#".into()],
+                    properties: Properties::default(),
+                }),
+                proto,
+            );
+            round_trip(
+                &Packet::PubRel(PubResp {
+                    packet_id: 5,
+                    ..Default::default()
+                }),
+                proto,
+            );
+            round_trip(&Packet::PingReq, proto);
+            round_trip(&Packet::Disconnect(Disconnect::default()), proto);
+            round_trip(
+                &Packet::ConnAck(ConnAck {
+                    session_present: true,
+                    ..Default::default()
+                }),
+                proto,
+            );
+        }
+        let ack_props = Properties {
+            reason_string: Some("why".into()),
+            ..Default::default()
+        };
+        round_trip(
+            &Packet::PubAck(PubResp {
+                packet_id: 1,
+                reason: ReasonCode::NoMatchingSubscribers,
+                properties: ack_props.clone(),
+            }),
+            Protocol::V5,
+        );
+        round_trip(
+            &Packet::Disconnect(Disconnect {
+                reason: ReasonCode::SessionTakenOver,
+                properties: ack_props,
+            }),
+            Protocol::V5,
+        );
+        round_trip(
+            &Packet::UnsubAck(UnsubAck {
+                packet_id: 2,
+                reasons: vec![ReasonCode::NoSubscriptionExisted],
+                properties: Properties::default(),
+            }),
+            Protocol::V5,
+        );
+    }
+
+    #[test]
+    fn publish_header_plus_payload_equals_full_encoding() {
+        let p = Publish {
+            qos: QoS::AtLeastOnce,
+            topic: "t".into(),
+            packet_id: 1,
+            payload: Bytes::from(vec![7u8; 300]),
+            ..Default::default()
+        };
+        let mut full = BytesMut::new();
+        encode(&Packet::Publish(p.clone()), Protocol::V311, &mut full);
+        let mut head = BytesMut::new();
+        let n = encode_publish_header(&p, Protocol::V311, &mut head);
+        assert_eq!(n, head.len());
+        head.extend_from_slice(&p.payload);
+        assert_eq!(head, full);
+    }
 }

@@ -9,5 +9,7 @@
 pub mod codec;
 pub mod packet;
 
-pub use codec::{decode, encode, encode_publish_header, frame_len, DecodeError};
+pub use codec::{
+    decode, encode, encode_publish_header, encode_publish_header_parts, frame_len, DecodeError,
+};
 pub use packet::*;
