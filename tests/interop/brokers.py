@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -76,12 +77,23 @@ def shardmq_binary() -> Path:
     return target / "release" / "shardmq"
 
 
+def embedded_config(binary: Path) -> str:
+    """The binary's embedded default config (`shardmq config`), or "" if it cannot tell."""
+    try:
+        r = subprocess.run(
+            [str(binary), "config"], capture_output=True, text=True, timeout=10, env=broker_env({})
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
 def broker_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment for a shardmq process: ours, less the test harness's SHARDMQ_* knobs.
 
-    shardmq reads every SHARDMQ_* variable as a config override and refuses unknown keys, so the
-    harness's own variables (SHARDMQ_BIN, SHARDMQ_TEST_*) must not reach it. Other SHARDMQ_*
-    variables (e.g. SHARDMQ_LOG__LEVEL=debug) are passed through on purpose.
+    shardmq reads SHARDMQ_* variables as config overrides and refuses unknown keys; the
+    harness's own variables (SHARDMQ_BIN, SHARDMQ_TEST_*) are kept away from it to be safe.
+    Other SHARDMQ_* variables (e.g. SHARDMQ_LOG__LEVEL=debug) are passed through on purpose.
     """
     env = {
         k: v
@@ -127,13 +139,17 @@ def start_shardmq(workdir: Path, shards: int = 2) -> Broker:
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "shardmq.log"
-    env = broker_env(
-        {
-            "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{port}",
-            "SHARDMQ_NODE__SHARDS": str(shards),
-            "SHARDMQ_NODE__DATA_DIR": str(data_dir),
-        }
-    )
+    overrides = {
+        "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{port}",
+        "SHARDMQ_NODE__SHARDS": str(shards),
+        "SHARDMQ_NODE__DATA_DIR": str(data_dir),
+    }
+    # Other listeners of the default config get free loopback ports too, so that several
+    # instances (and a broker already running on the defaults) never collide. Only keys the
+    # binary knows are set: unknown keys are start-up errors.
+    if re.search(r"(?m)^\[management\]", embedded_config(binary)):
+        overrides["SHARDMQ_MANAGEMENT__BIND"] = f"127.0.0.1:{free_port()}"
+    env = broker_env(overrides)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(binary), "start"],

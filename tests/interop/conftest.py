@@ -101,6 +101,7 @@ def _per_test_guard(request, broker):
     def on_timeout(_signum, _frame):
         raise TimeoutError(f"test exceeded {TEST_TIMEOUT_S}s")
 
+    log_start = broker.log_path.stat().st_size if broker.log_path else 0
     previous = signal.signal(signal.SIGALRM, on_timeout)
     signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
     try:
@@ -113,6 +114,13 @@ def _per_test_guard(request, broker):
             f"{broker.kind} exited (status {broker.proc.returncode}) during this test\n"
             f"--- log ---\n{broker.log_tail()}"
         )
+    if broker.log_path:
+        # A panicking shard thread need not take the process down; the log tells.
+        with open(broker.log_path, "rb") as f:
+            f.seek(log_start)
+            new = f.read().decode(errors="replace")
+        if "panicked at" in new:
+            pytest.fail(f"{broker.kind} panicked during this test:\n{new[-4000:]}")
 
 
 @pytest.hookimpl(hookwrapper=True)
