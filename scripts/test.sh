@@ -81,7 +81,9 @@ run_step() {
   shift
   echo
   echo "${BOLD}==> ${name}${RESET}"
-  echo "    \$ $*"
+  if [[ "$(type -t "$1")" != function ]]; then
+    echo "    \$ $*"
+  fi
   local t0 rc
   t0="$(now_us)"
   set +e
@@ -212,14 +214,18 @@ rust_tests() {
     if cargo nextest run --help 2>/dev/null | grep -q -- '--no-tests'; then
       args+=(--no-tests=warn)
     fi
+    echo "    \$ cargo nextest ${args[*]}"
     cargo nextest "${args[@]}"
+    echo "    \$ cargo test --doc --workspace"
     cargo test --doc --workspace
   else
+    echo "    \$ cargo test --workspace"
     cargo test --workspace
   fi
 }
 
 interop() {
+  echo "    \$ .venv/bin/python -m pytest -q tests/interop"
   PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q tests/interop
 }
 
