@@ -32,7 +32,13 @@ else
   BOLD="" RED="" GREEN="" YELLOW="" RESET=""
 fi
 
-now_us() { echo "${EPOCHREALTIME/./}"; }
+now_us() { # wall clock in microseconds
+  if [[ -n "${EPOCHREALTIME:-}" ]]; then
+    echo "${EPOCHREALTIME/[.,]/}"
+  else
+    echo $(($(date +%s%N) / 1000))
+  fi
+}
 
 fmt_duration() { # microseconds -> "12.3s" or "4m05.2s"
   local ds=$(($1 / 100000)) # tenths of a second
@@ -120,7 +126,9 @@ skip_step() { # skip_step NAME REASON
 # Setup: system packages and the Python venv, each only when missing.
 
 apt_installed() {
-  dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
+  local status
+  status="$(dpkg -s "$1" 2>/dev/null || true)"
+  [[ "$status" == *"Status: install ok installed"* ]]
 }
 
 ensure_apt_packages() {
@@ -211,7 +219,9 @@ rust_tests() {
   if cargo nextest --version >/dev/null 2>&1; then
     local args=(run --workspace)
     # An empty workspace is not a failure here (nextest >= 0.9.75 fails on "no tests" otherwise).
-    if cargo nextest run --help 2>/dev/null | grep -q -- '--no-tests'; then
+    local help
+    help="$(cargo nextest run --help 2>/dev/null || true)"
+    if [[ "$help" == *--no-tests* ]]; then
       args+=(--no-tests=warn)
     fi
     echo "    \$ cargo nextest ${args[*]}"
