@@ -55,6 +55,14 @@ fn start(args: &[String]) -> ExitCode {
         }
     }
     logger::init(log::LevelFilter::Info);
+    // A panicking shard would leave its clients, sessions and mesh queues dead while the
+    // process looks alive; stop the whole node instead so a supervisor restarts it cleanly.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        log::error!("fatal: {info}; stopping the node");
+        std::process::abort();
+    }));
     let settings = match config::load(file.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
