@@ -37,6 +37,13 @@ use std::time::{Duration, Instant};
 
 /// Output queued on a connection beyond which new messages wait in the session queue instead.
 const OUT_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// Submission queue entries of a shard's ring.
+const RING_ENTRIES: u32 = 4096;
+/// Receive buffers in a shard's pool: enough for one turn of completions; every buffer the
+/// kernel ever fills stays resident, so the pool is kept small (2 MiB per shard).
+const RECV_BUFFERS: u16 = 512;
+/// Size of one receive buffer; larger packets are assembled across several.
+const RECV_BUFFER_BYTES: usize = 4096;
 /// Mesh messages handled per turn before looking at sockets again.
 const MESH_BUDGET: usize = 4096;
 /// Mesh overflow towards one shard beyond which QoS 0 messages to it are dropped (counted), so
@@ -163,7 +170,7 @@ impl Shard {
         mesh: MeshEndpoint,
         listener: OwnedFd,
     ) -> std::io::Result<Shard> {
-        let ring = Ring::new(4096, 2048, 4096)?;
+        let ring = Ring::new(RING_ENTRIES, RECV_BUFFERS, RECV_BUFFER_BYTES)?;
         let epoch = Instant::now();
         Ok(Shard {
             id: mesh.id,
