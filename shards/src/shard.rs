@@ -25,7 +25,7 @@ use crate::topic_index::TopicIndex;
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 use shardmq_net::{
-    decode, encode, encode_publish_header, ConnAck, Connect, DecodeError, Disconnect, Packet,
+    decode, encode, encode_publish_header_parts, ConnAck, Connect, DecodeError, Disconnect, Packet,
     Properties, Protocol, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
@@ -1614,36 +1614,46 @@ impl Shard {
         };
         let (protocol, max_out, alias_max) =
             (conn.protocol, conn.max_packet_out, conn.client_alias_max);
-        let mut properties = Properties::default();
-        if protocol == Protocol::V5 {
-            if let Some(p) = &d.msg.properties {
-                properties = (**p).clone();
-            }
-            properties.subscription_identifiers = d.sub_ids.to_vec();
-            if let Some(expires_at) = d.msg.expires_at {
-                // MQTT-3.3.2-6: forward the remaining lifetime; an expired message is dropped.
-                let left = expires_at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    self.drop_delivery(slot, packet_id);
-                    return;
-                }
-                properties.message_expiry_interval = Some(left.as_secs_f64().ceil() as u32);
-            }
-        } else if d.msg.expires_at.is_some_and(|t| t <= Instant::now()) {
+        let v5 = protocol == Protocol::V5;
+        if d.msg.expires_at.is_some_and(|t| t <= Instant::now()) {
+            // MQTT-3.3.2-5: an expired message is not sent.
             self.drop_delivery(slot, packet_id);
             return;
         }
-        let mut publish = Publish {
-            dup: dup && d.qos != QoS::AtMostOnce,
-            qos: d.qos,
-            retain: d.retain,
-            topic: d.msg.topic.to_string(),
-            packet_id,
-            payload: d.msg.payload.clone(),
-            properties,
+        // Only v5 deliveries that carry properties pay for building a property block; the
+        // common case encodes straight from the shared topic and payload.
+        let mut properties = None;
+        if v5 && (d.msg.properties.is_some() || !d.sub_ids.is_empty() || d.msg.expires_at.is_some())
+        {
+            let mut p = d.msg.properties.as_deref().cloned().unwrap_or_default();
+            p.subscription_identifiers = d.sub_ids.to_vec();
+            if let Some(expires_at) = d.msg.expires_at {
+                // MQTT-3.3.2-6: forward the remaining lifetime.
+                let left = expires_at.saturating_duration_since(Instant::now());
+                p.message_expiry_interval = Some(left.as_secs_f64().ceil() as u32);
+            }
+            properties = Some(p);
+        }
+        let empty = Properties::default();
+        let props_ref = if v5 {
+            Some(properties.as_ref().unwrap_or(&empty))
+        } else {
+            None
         };
-        let mut header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
-        if (header_len + publish.payload.len()) as u64 > max_out as u64 {
+        let dup = dup && d.qos != QoS::AtMostOnce;
+        let topic: &str = &d.msg.topic;
+        let payload_len = d.msg.payload.len();
+        let header_len = encode_publish_header_parts(
+            topic,
+            d.qos,
+            dup,
+            d.retain,
+            packet_id,
+            props_ref,
+            payload_len,
+            &mut self.scratch,
+        );
+        if (header_len + payload_len) as u64 > max_out as u64 {
             // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
             self.scratch.clear();
             self.drop_delivery(slot, packet_id);
@@ -1665,21 +1675,28 @@ impl Shard {
                 })
             });
             if let Some(alias) = alias {
-                publish.properties.topic_alias = Some(alias);
-                if known.is_some() {
-                    publish.topic.clear();
-                }
+                let mut p = properties.unwrap_or_default();
+                p.topic_alias = Some(alias);
+                let topic = if known.is_some() { "" } else { topic };
                 self.scratch.clear();
-                header_len = encode_publish_header(&publish, protocol, &mut self.scratch);
+                encode_publish_header_parts(
+                    topic,
+                    d.qos,
+                    dup,
+                    d.retain,
+                    packet_id,
+                    Some(&p),
+                    payload_len,
+                    &mut self.scratch,
+                );
             }
         }
-        let _ = header_len;
         let header = self.scratch.split().freeze();
         let Some(conn) = self.conns.get_slot(slot) else {
             return;
         };
         conn.push(header);
-        conn.push(publish.payload);
+        conn.push(d.msg.payload.clone());
         Metrics::add(&self.shared.metrics.messages_sent, 1);
         self.mark_dirty(slot);
     }
