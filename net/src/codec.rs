@@ -1041,6 +1041,20 @@ fn encode_connect(c: &Connect, out: &mut BytesMut) {
     }
 }
 
+/// Encodes a PUBLISH property block (length prefix included), e.g. to carry a message's
+/// properties between nodes.
+pub fn encode_message_properties(p: &Properties, out: &mut BytesMut) {
+    put_props(out, p);
+}
+
+/// Decodes a block written by [`encode_message_properties`].
+pub fn decode_message_properties(buf: &[u8]) -> Result<Properties> {
+    let mut r = Reader::new(buf);
+    let p = read_properties(&mut r, PropCtx::Publish)?;
+    r.done()?;
+    Ok(p)
+}
+
 /// Appends everything of `publish` except its payload (fixed header with the full remaining
 /// length, topic, packet id, properties), so the payload `Bytes` can be sent as a separate
 /// iovec without copying. Returns the number of bytes written.

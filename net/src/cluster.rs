@@ -1,0 +1,597 @@
+//! Cluster link frames: what nodes say to each other, and their byte format.
+//!
+//! A frame is `u32` big-endian length (of type + body), one type byte, then the body. Strings
+//! and byte strings are `u32` length-prefixed. The format is hand-written rather than rkyv:
+//! frames are few kinds of small headers around payloads that are written from their `Bytes`
+//! with `writev`, and a reader must treat every byte as hostile, which a validating hand-written
+//! reader does in a few lines. [`FrameReader`] refuses lengths over [`FRAME_MAX_BYTES`] before
+//! buffering them.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest frame accepted from a peer, in bytes.
+pub const FRAME_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Version of this frame format, checked in the handshake.
+pub const CLUSTER_PROTOCOL_VERSION: u32 = 1;
+
+/// A message forwarded to another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub publisher: String,
+    /// v5 properties as the codec encodes them (property block with its length prefix), or
+    /// empty.
+    pub properties: Bytes,
+    /// Milliseconds left before the message expires, 0 = never.
+    pub expiry_ms: u64,
+}
+
+/// A subscription moving with a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireSubscription {
+    pub filter: String,
+    /// The v5 subscription options byte.
+    pub options: u8,
+    pub id: u32,
+}
+
+/// Cluster frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame on a link, both ways: who I am and a nonce for the cookie challenge.
+    Hello {
+        version: u32,
+        node: String,
+        cluster_addr: String,
+        nonce: u64,
+        started_ms: u64,
+    },
+    /// Proof of the cookie: digest of (cookie, the peer's nonce).
+    Auth { digest: u64 },
+    /// Liveness and load, every heartbeat interval.
+    Heartbeat {
+        uptime_s: u64,
+        connections: u64,
+        routes: u64,
+    },
+    /// Members this node knows (name, cluster address), for forming the full mesh.
+    Members { members: Vec<(String, String)> },
+    /// The sender leaves the cluster: forget it.
+    Leave,
+    /// The sender has subscribers for `filter` (`seq` orders route changes of one node).
+    RouteAdd { seq: u64, filter: String },
+    /// The sender no longer has subscribers for `filter`.
+    RouteDel { seq: u64, filter: String },
+    /// All the sender's routes; replaces what the receiver had for it.
+    RouteSnapshot { seq: u64, filters: Vec<String> },
+    /// A published message for the receiver's subscribers. `normal` = deliver to ordinary
+    /// subscriptions; `shared` = shared group keys this node must pick a member for.
+    Publish {
+        msg: WireMessage,
+        normal: bool,
+        shared: Vec<String>,
+    },
+    /// Retained message set (payload non-empty) or cleared.
+    Retain { msg: WireMessage },
+    /// A client id connected on the sender: close any connection of it here. When `want_session`
+    /// is set, the receiver answers with [`Frame::SessionTransfer`].
+    Takeover {
+        client_id: String,
+        want_session: bool,
+        token: u64,
+    },
+    /// Answer to a takeover: the session, if one existed here (then it is gone here).
+    SessionTransfer {
+        token: u64,
+        client_id: String,
+        found: bool,
+        subscriptions: Vec<WireSubscription>,
+        messages: Vec<WireMessage>,
+    },
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    out.put_u32(s.len() as u32);
+    out.put_slice(s.as_bytes());
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32(b.len() as u32);
+    out.put_slice(b);
+}
+
+fn put_msg_head(out: &mut BytesMut, m: &WireMessage) {
+    put_str(out, &m.topic);
+    out.put_u8(m.qos);
+    out.put_u8(m.retain as u8);
+    put_str(out, &m.publisher);
+    put_bytes(out, &m.properties);
+    out.put_u64(m.expiry_ms);
+    out.put_u32(m.payload.len() as u32);
+}
+
+fn put_msg(out: &mut BytesMut, m: &WireMessage) {
+    put_msg_head(out, m);
+    out.put_slice(&m.payload);
+}
+
+/// Appends a whole `Publish` frame except the payload bytes, which end the frame: the caller
+/// writes `msg.payload` right after it (as its own iovec), so payloads are never copied into a
+/// staging buffer on the way out.
+pub fn encode_publish_head(msg: &WireMessage, normal: bool, shared: &[String], out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u32(0);
+    out.put_u8(9);
+    out.put_u8(normal as u8);
+    out.put_u32(shared.len() as u32);
+    for k in shared {
+        put_str(out, k);
+    }
+    put_msg_head(out, msg);
+    let len = (out.len() - start - 4 + msg.payload.len()) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => 1,
+            Frame::Auth { .. } => 2,
+            Frame::Heartbeat { .. } => 3,
+            Frame::Members { .. } => 4,
+            Frame::Leave => 5,
+            Frame::RouteAdd { .. } => 6,
+            Frame::RouteDel { .. } => 7,
+            Frame::RouteSnapshot { .. } => 8,
+            Frame::Publish { .. } => 9,
+            Frame::Retain { .. } => 10,
+            Frame::Takeover { .. } => 11,
+            Frame::SessionTransfer { .. } => 12,
+        }
+    }
+
+    /// Appends the frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32(0);
+        out.put_u8(self.kind());
+        match self {
+            Frame::Hello {
+                version,
+                node,
+                cluster_addr,
+                nonce,
+                started_ms,
+            } => {
+                out.put_u32(*version);
+                put_str(out, node);
+                put_str(out, cluster_addr);
+                out.put_u64(*nonce);
+                out.put_u64(*started_ms);
+            }
+            Frame::Auth { digest } => out.put_u64(*digest),
+            Frame::Heartbeat {
+                uptime_s,
+                connections,
+                routes,
+            } => {
+                out.put_u64(*uptime_s);
+                out.put_u64(*connections);
+                out.put_u64(*routes);
+            }
+            Frame::Members { members } => {
+                out.put_u32(members.len() as u32);
+                for (n, a) in members {
+                    put_str(out, n);
+                    put_str(out, a);
+                }
+            }
+            Frame::Leave => {}
+            Frame::RouteAdd { seq, filter } | Frame::RouteDel { seq, filter } => {
+                out.put_u64(*seq);
+                put_str(out, filter);
+            }
+            Frame::RouteSnapshot { seq, filters } => {
+                out.put_u64(*seq);
+                out.put_u32(filters.len() as u32);
+                for f in filters {
+                    put_str(out, f);
+                }
+            }
+            Frame::Publish {
+                msg,
+                normal,
+                shared,
+            } => {
+                put_msg(out, msg);
+                out.put_u8(*normal as u8);
+                out.put_u32(shared.len() as u32);
+                for k in shared {
+                    put_str(out, k);
+                }
+            }
+            Frame::Retain { msg } => put_msg(out, msg),
+            Frame::Takeover {
+                client_id,
+                want_session,
+                token,
+            } => {
+                put_str(out, client_id);
+                out.put_u8(*want_session as u8);
+                out.put_u64(*token);
+            }
+            Frame::SessionTransfer {
+                token,
+                client_id,
+                found,
+                subscriptions,
+                messages,
+            } => {
+                out.put_u64(*token);
+                put_str(out, client_id);
+                out.put_u8(*found as u8);
+                out.put_u32(subscriptions.len() as u32);
+                for s in subscriptions {
+                    put_str(out, &s.filter);
+                    out.put_u8(s.options);
+                    out.put_u32(s.id);
+                }
+                out.put_u32(messages.len() as u32);
+                for m in messages {
+                    put_msg(out, m);
+                }
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// Why a peer's bytes were refused; the link is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the maximum")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.buf.len() - self.pos < n {
+            return Err(FrameError::Malformed("frame shorter than its fields"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, FrameError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| FrameError::Malformed("string is not UTF-8"))
+    }
+    /// A count of items that each take at least `min_item` bytes, checked against what is left
+    /// so a forged count cannot make us reserve memory.
+    fn count(&mut self, min_item: usize) -> Result<usize, FrameError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.buf.len() - self.pos {
+            return Err(FrameError::Malformed("item count larger than the frame"));
+        }
+        Ok(n)
+    }
+    fn msg(&mut self) -> Result<WireMessage, FrameError> {
+        let topic = self.string()?;
+        let qos = self.u8()?;
+        if qos > 2 {
+            return Err(FrameError::Malformed("QoS above 2"));
+        }
+        Ok(WireMessage {
+            topic,
+            qos,
+            retain: self.u8()? != 0,
+            publisher: self.string()?,
+            properties: Bytes::copy_from_slice(self.bytes()?),
+            expiry_ms: self.u64()?,
+            payload: Bytes::copy_from_slice(self.bytes()?),
+        })
+    }
+}
+
+fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
+    let mut c = Cursor { buf: body, pos: 0 };
+    let f = match kind {
+        1 => Frame::Hello {
+            version: c.u32()?,
+            node: c.string()?,
+            cluster_addr: c.string()?,
+            nonce: c.u64()?,
+            started_ms: c.u64()?,
+        },
+        2 => Frame::Auth { digest: c.u64()? },
+        3 => Frame::Heartbeat {
+            uptime_s: c.u64()?,
+            connections: c.u64()?,
+            routes: c.u64()?,
+        },
+        4 => {
+            let n = c.count(8)?;
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                members.push((c.string()?, c.string()?));
+            }
+            Frame::Members { members }
+        }
+        5 => Frame::Leave,
+        6 => Frame::RouteAdd {
+            seq: c.u64()?,
+            filter: c.string()?,
+        },
+        7 => Frame::RouteDel {
+            seq: c.u64()?,
+            filter: c.string()?,
+        },
+        8 => {
+            let seq = c.u64()?;
+            let n = c.count(4)?;
+            let mut filters = Vec::with_capacity(n);
+            for _ in 0..n {
+                filters.push(c.string()?);
+            }
+            Frame::RouteSnapshot { seq, filters }
+        }
+        9 => {
+            let msg = c.msg()?;
+            let normal = c.u8()? != 0;
+            let n = c.count(4)?;
+            let mut shared = Vec::with_capacity(n);
+            for _ in 0..n {
+                shared.push(c.string()?);
+            }
+            Frame::Publish {
+                msg,
+                normal,
+                shared,
+            }
+        }
+        10 => Frame::Retain { msg: c.msg()? },
+        11 => Frame::Takeover {
+            client_id: c.string()?,
+            want_session: c.u8()? != 0,
+            token: c.u64()?,
+        },
+        12 => {
+            let token = c.u64()?;
+            let client_id = c.string()?;
+            let found = c.u8()? != 0;
+            let n = c.count(9)?;
+            let mut subscriptions = Vec::with_capacity(n);
+            for _ in 0..n {
+                subscriptions.push(WireSubscription {
+                    filter: c.string()?,
+                    options: c.u8()?,
+                    id: c.u32()?,
+                });
+            }
+            let n = c.count(30)?;
+            let mut messages = Vec::with_capacity(n);
+            for _ in 0..n {
+                messages.push(c.msg()?);
+            }
+            Frame::SessionTransfer {
+                token,
+                client_id,
+                found,
+                subscriptions,
+                messages,
+            }
+        }
+        _ => return Err(FrameError::Malformed("unknown frame type")),
+    };
+    if c.pos != body.len() {
+        return Err(FrameError::Malformed("bytes left after the last field"));
+    }
+    Ok(f)
+}
+
+/// Splits a byte stream into frames; keeps at most one partial frame.
+///
+/// ```
+/// use shardmq_net::cluster::{Frame, FrameReader};
+/// let mut out = bytes::BytesMut::new();
+/// Frame::Leave.encode(&mut out);
+/// let mut r = FrameReader::default();
+/// r.extend(&out[..2]);
+/// assert_eq!(r.next_frame().unwrap(), None);
+/// r.extend(&out[2..]);
+/// assert_eq!(r.next_frame().unwrap(), Some(Frame::Leave));
+/// ```
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl FrameReader {
+    /// Adds received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.pos..];
+        if avail.len() < 4 {
+            self.compact();
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if len > FRAME_MAX_BYTES {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(FrameError::Malformed("empty frame"));
+        }
+        if avail.len() < 4 + len {
+            self.compact();
+            return Ok(None);
+        }
+        let frame = decode_body(avail[4], &avail[5..4 + len])?;
+        self.pos += 4 + len;
+        Ok(Some(frame))
+    }
+
+    fn compact(&mut self) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+    }
+}
+
+/// Keyed digest proving knowledge of the cookie without sending it (FNV-1a over cookie and
+/// nonce, mixed; enough to keep misconfigured nodes apart, not a defence against an attacker
+/// on the cluster network, which must be private).
+pub fn cookie_digest(cookie: &str, nonce: u64) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325 ^ nonce.rotate_left(17);
+    for b in cookie.bytes().chain(nonce.to_be_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h ^ (h >> 29)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> WireMessage {
+        WireMessage {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"hi"),
+            qos: 1,
+            retain: true,
+            publisher: "p".into(),
+            properties: Bytes::new(),
+            expiry_ms: 5,
+        }
+    }
+
+    #[test]
+    fn every_frame_round_trips_through_a_split_stream() {
+        let frames = vec![
+            Frame::Hello {
+                version: 1,
+                node: "n1@h".into(),
+                cluster_addr: "127.0.0.1:4370".into(),
+                nonce: 7,
+                started_ms: 9,
+            },
+            Frame::Auth { digest: 3 },
+            Frame::Heartbeat {
+                uptime_s: 1,
+                connections: 2,
+                routes: 3,
+            },
+            Frame::Members {
+                members: vec![("a@b".into(), "x:1".into())],
+            },
+            Frame::Leave,
+            Frame::RouteAdd {
+                seq: 1,
+                filter: "a/+".into(),
+            },
+            Frame::RouteDel {
+                seq: 2,
+                filter: "a/+".into(),
+            },
+            Frame::RouteSnapshot {
+                seq: 3,
+                filters: vec!["x".into(), "y/#".into()],
+            },
+            Frame::Publish {
+                msg: msg(),
+                normal: true,
+                shared: vec!["$share/g/a".into()],
+            },
+            Frame::Retain { msg: msg() },
+            Frame::Takeover {
+                client_id: "c".into(),
+                want_session: true,
+                token: 4,
+            },
+            Frame::SessionTransfer {
+                token: 4,
+                client_id: "c".into(),
+                found: true,
+                subscriptions: vec![WireSubscription {
+                    filter: "a/#".into(),
+                    options: 1,
+                    id: 0,
+                }],
+                messages: vec![msg()],
+            },
+        ];
+        let mut out = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut out);
+        }
+        let mut r = FrameReader::default();
+        let mut got = Vec::new();
+        for chunk in out.chunks(3) {
+            r.extend(chunk);
+            while let Some(f) = r.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        let mut r = FrameReader::default();
+        r.extend(&[0xFF, 0xFF, 0xFF, 0xFF, 1]);
+        assert!(matches!(r.next_frame(), Err(FrameError::TooLarge(_))));
+        let mut r = FrameReader::default();
+        r.extend(&[0, 0, 0, 2, 99, 0]);
+        assert!(r.next_frame().is_err());
+        let mut r = FrameReader::default();
+        // Members frame claiming 2^32-1 entries in 4 bytes.
+        r.extend(&[0, 0, 0, 5, 4, 0xFF, 0xFF, 0xFF, 0xFF]);
+        assert!(r.next_frame().is_err());
+    }
+
+    #[test]
+    fn cookie_digest_depends_on_cookie_and_nonce() {
+        assert_eq!(cookie_digest("c", 1), cookie_digest("c", 1));
+        assert_ne!(cookie_digest("c", 1), cookie_digest("d", 1));
+        assert_ne!(cookie_digest("c", 1), cookie_digest("c", 2));
+    }
+}
