@@ -4,10 +4,12 @@
 //! bounded header size and read timeout) is enough and keeps an HTTP stack off the shards.
 //! Routes: `GET /api/v5/nodes`, `GET /api/v5/metrics`, `GET /api/v5/stats`, `GET /metrics`.
 
+use shardmq_shards::cluster::ControlCmd;
 use shardmq_shards::NodeShared;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,24 +49,37 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = if method != "GET" {
-        (
-            "405 Method Not Allowed",
-            "application/json",
-            r#"{"code":"METHOD_NOT_ALLOWED"}"#.to_string(),
-        )
-    } else {
-        match path {
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", prometheus(shared)),
-            "/api/v5/metrics" => ("200 OK", "application/json", metrics_json(shared)),
-            "/api/v5/stats" => ("200 OK", "application/json", stats_json(shared)),
-            "/api/v5/nodes" => ("200 OK", "application/json", nodes_json(shared, started)),
-            _ => (
-                "404 Not Found",
-                "application/json",
-                r#"{"code":"NOT_FOUND"}"#.to_string(),
-            ),
+    let query = parts_query(&request_line);
+    let _ = started;
+    let json = "application/json";
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", prometheus(shared)),
+        ("GET", "/api/v5/metrics") => ("200 OK", json, metrics_json(shared)),
+        ("GET", "/api/v5/stats") => ("200 OK", json, stats_json(shared)),
+        ("GET", "/api/v5/nodes") | ("GET", "/api/v5/cluster") => {
+            reply(cluster_cmd(shared, ControlCmd::Status))
         }
+        ("POST", "/api/v5/cluster/join") => match query.iter().find(|(k, _)| k == "node") {
+            Some((_, node)) => {
+                let node = node.clone();
+                reply(cluster_cmd(shared, move |tx| ControlCmd::Join(node, tx)))
+            }
+            None => (
+                "400 Bad Request",
+                json,
+                r#"{"code":"BAD_REQUEST","message":"node=NAME@HOST is required"}"#.into(),
+            ),
+        },
+        ("POST", "/api/v5/cluster/leave") => reply(cluster_cmd(shared, ControlCmd::Leave)),
+        (
+            _,
+            "/metrics" | "/api/v5/metrics" | "/api/v5/stats" | "/api/v5/nodes" | "/api/v5/cluster",
+        ) => (
+            "405 Method Not Allowed",
+            json,
+            r#"{"code":"METHOD_NOT_ALLOWED"}"#.to_string(),
+        ),
+        _ => ("404 Not Found", json, r#"{"code":"NOT_FOUND"}"#.to_string()),
     };
     let mut out = stream;
     write!(
@@ -73,6 +88,50 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
         body.len()
     )?;
     out.flush()
+}
+
+fn parts_query(request_line: &str) -> Vec<(String, String)> {
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let Some((_, q)) = target.split_once('?') else {
+        return Vec::new();
+    };
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("%40", "@")
+                    .replace("%3A", ":")
+                    .replace("%3a", ":"),
+            )
+        })
+        .collect()
+}
+
+fn reply(r: Result<String, String>) -> (&'static str, &'static str, String) {
+    match r {
+        Ok(body) => ("200 OK", "application/json", body),
+        Err(message) => (
+            "400 Bad Request",
+            "application/json",
+            format!("{{\"code\":\"BAD_REQUEST\",\"message\":{:?}}}", message),
+        ),
+    }
+}
+
+/// Sends a command to the cluster thread and waits (bounded) for its answer.
+fn cluster_cmd(
+    shared: &NodeShared,
+    make: impl FnOnce(mpsc::Sender<Result<String, String>>) -> ControlCmd,
+) -> Result<String, String> {
+    let (tx, rx) = mpsc::channel();
+    match shared.cluster.queue.lock() {
+        Ok(mut q) => q.push_back(make(tx)),
+        Err(_) => return Err("cluster thread unavailable".into()),
+    }
+    shared.cluster_bell.ring();
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| Err("cluster thread did not answer".into()))
 }
 
 /// (name, help, value, is_counter) for every node counter.
@@ -180,16 +239,5 @@ fn stats_json(shared: &NodeShared) -> String {
         shared.cfg.node_name,
         m.connections.load(Ordering::Relaxed),
         m.subscriptions.load(Ordering::Relaxed)
-    )
-}
-
-fn nodes_json(shared: &NodeShared, started: Instant) -> String {
-    format!(
-        "[{{\"node\":\"{}\",\"node_status\":\"running\",\"version\":\"{}\",\"uptime_s\":{},\"shards\":{},\"connections\":{}}}]",
-        shared.cfg.node_name,
-        env!("CARGO_PKG_VERSION"),
-        started.elapsed().as_secs(),
-        shared.cfg.shards,
-        shared.metrics.connections.load(Ordering::Relaxed)
     )
 }

@@ -289,7 +289,56 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
             ))
         }
     };
+    let cluster_key = "cluster.bind";
+    let cluster_bind = match string(t, cluster_key) {
+        "" => None,
+        text => Some(
+            text.parse()
+                .map_err(|_| bad(cluster_key, format!("{text:?} is not an address:port")))?,
+        ),
+    };
+    let seeds: Vec<String> = get(t, "cluster.static.seeds")
+        .as_array()
+        .expect("type checked against the schema")
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad("cluster.static.seeds", "expected strings"))
+        })
+        .collect::<Result<_, _>>()?;
+    for seed in &seeds {
+        if shardmq_shards::cluster::node_addr(seed).is_none() {
+            return Err(bad(
+                "cluster.static.seeds",
+                format!("{seed:?} is not name@host[:port]"),
+            ));
+        }
+    }
+    let discovery = match string(t, "cluster.discovery_strategy") {
+        "manual" => shardmq_shards::cluster::Discovery::Manual,
+        "static" => shardmq_shards::cluster::Discovery::Static(seeds),
+        other => {
+            return Err(bad(
+                "cluster.discovery_strategy",
+                format!("{other:?} is not supported (manual, static)"),
+            ))
+        }
+    };
+    let cookie = string(t, "cluster.cookie");
+    if cookie.is_empty() {
+        return Err(bad("cluster.cookie", "must not be empty"));
+    }
+    let cluster = shardmq_shards::cluster::ClusterConfig {
+        bind: cluster_bind,
+        cookie: cookie.to_string(),
+        discovery,
+        heartbeat_ms: int(t, "cluster.heartbeat_ms", 50, 60_000)? as u64,
+        down_after_ms: int(t, "cluster.down_after_ms", 100, 600_000)? as u64,
+        data_dir: string(t, "node.data_dir").into(),
+    };
     let broker = BrokerConfig {
+        cluster,
         node_name: name.to_string(),
         shards,
         bind,

@@ -10,6 +10,12 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage:
   shardmq start [-c|--config FILE]   run a node in the foreground
+  shardmq ctl [--api HOST:PORT] [-c FILE] COMMAND
+      cluster join NAME@HOST[:PORT]  join this node to the cluster of another node
+      cluster leave                  leave the cluster
+      cluster status                 members, their state, uptime, connections, routes
+      nodes | metrics | stats        cluster members / this node's counters
+      (--api defaults to management.bind of the configuration)
   shardmq config                     print the embedded default configuration
   shardmq --version";
 
@@ -17,6 +23,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("start") => start(&args[1..]),
+        Some("ctl") => ctl(&args[1..]),
         Some("config") => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -112,6 +119,82 @@ fn start(args: &[String]) -> ExitCode {
     node.shutdown();
     log::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `shardmq ctl`: one request to a node's management API, answer printed as JSON.
+fn ctl(args: &[String]) -> ExitCode {
+    let mut api = None;
+    let mut file = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--api" => api = it.next().cloned(),
+            "-c" | "--config" => file = it.next().cloned(),
+            _ => rest.push(a.as_str()),
+        }
+    }
+    let api = match api {
+        Some(a) => a,
+        None => match config::load(file.as_deref(), std::env::vars()) {
+            Ok(s) => match s.management_bind {
+                Some(b) => b.to_string(),
+                None => {
+                    eprintln!("error: management.bind is empty; pass --api HOST:PORT");
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("configuration error: {e}");
+                return ExitCode::from(78);
+            }
+        },
+    };
+    let (method, path) = match rest.as_slice() {
+        ["cluster", "join", node] => ("POST", format!("/api/v5/cluster/join?node={node}")),
+        ["cluster", "leave"] => ("POST", "/api/v5/cluster/leave".to_string()),
+        ["cluster", "status"] | ["nodes"] => ("GET", "/api/v5/cluster".to_string()),
+        ["metrics"] => ("GET", "/api/v5/metrics".to_string()),
+        ["stats"] => ("GET", "/api/v5/stats".to_string()),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match http(&api, method, &path) {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprintln!("error: HTTP {code}: {body}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the management API at {api}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request (the API closes the connection after each answer).
+fn http(addr: &str, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 fn stop_signals() -> libc::sigset_t {

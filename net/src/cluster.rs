@@ -206,12 +206,10 @@ impl Frame {
                 normal,
                 shared,
             } => {
-                put_msg(out, msg);
-                out.put_u8(*normal as u8);
-                out.put_u32(shared.len() as u32);
-                for k in shared {
-                    put_str(out, k);
-                }
+                out.truncate(start);
+                encode_publish_head(msg, *normal, shared, out);
+                out.put_slice(&msg.payload);
+                return;
             }
             Frame::Retain { msg } => put_msg(out, msg),
             Frame::Takeover {
@@ -364,13 +362,13 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             Frame::RouteSnapshot { seq, filters }
         }
         9 => {
-            let msg = c.msg()?;
             let normal = c.u8()? != 0;
             let n = c.count(4)?;
             let mut shared = Vec::with_capacity(n);
             for _ in 0..n {
                 shared.push(c.string()?);
             }
+            let msg = c.msg()?;
             Frame::Publish {
                 msg,
                 normal,

@@ -59,6 +59,8 @@ pub struct BrokerConfig {
     pub max_topic_alias: u16,
     /// Response Information sent to v5 clients that ask for it (empty = none).
     pub response_information: String,
+    /// Cluster membership and links.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl Default for BrokerConfig {
@@ -86,6 +88,7 @@ impl Default for BrokerConfig {
             server_keepalive_s: 0,
             max_topic_alias: 65535,
             response_information: String::new(),
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }

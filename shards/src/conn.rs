@@ -19,6 +19,9 @@ const IOV_MAX: usize = 64;
 pub enum ConnState {
     /// Accepted, waiting for a complete CONNECT.
     Connecting,
+    /// CONNECT accepted, waiting for other cluster nodes to hand over the session; bytes
+    /// that arrive meanwhile are kept in `partial`.
+    Resuming,
     /// CONNACK sent; bound to a session.
     Active,
 }

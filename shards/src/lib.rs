@@ -9,8 +9,10 @@
 //! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
 //! - [`shared`]: shared subscription groups and member picking.
 //! - [`mesh`]: the only way shards talk to each other.
+//! - [`cluster`]: the node's links to other nodes (routes, forwarding, takeover).
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod mesh;

@@ -75,6 +75,68 @@ pub enum MeshMsg {
     Handoff(Box<Handoff>),
     /// Close every connection and stop.
     Shutdown,
+
+    // ---- between shards and the cluster endpoint (see `cluster`)
+    /// Shard → cluster: this node gained (`add`) or lost its last subscriber of `filter`
+    /// (ordinary filter or shared group key); sent by the filter's home shard only.
+    ClusterRoute { filter: Arc<str>, add: bool },
+    /// Shard → cluster: forward `msg` to the nodes in `nodes` (bit = node index) for their
+    /// ordinary subscribers, and to the node chosen for each shared group in `shared`.
+    ClusterForward {
+        msg: Arc<Message>,
+        nodes: u64,
+        shared: Vec<(Arc<str>, u8)>,
+    },
+    /// Shard → cluster: a retained message was set or cleared (empty payload) on this node.
+    ClusterRetain { msg: Arc<Message> },
+    /// Shard → cluster: `client_id` connected here; close it elsewhere. With `want_session`,
+    /// answer with `SessionImport` carrying the session found on another node.
+    ClusterTakeover {
+        client_id: Arc<str>,
+        want_session: bool,
+        token: u64,
+        shard: u16,
+    },
+    /// Shard → cluster: the answer to a remote takeover.
+    ClusterSessionExport(Box<SessionExport>),
+    /// Cluster → shard: a message forwarded by another node; route it to local subscribers
+    /// only (`normal`) and to the local members of the shared groups in `shared`.
+    RemotePublish {
+        msg: Arc<Message>,
+        normal: bool,
+        shared: Vec<Arc<str>>,
+    },
+    /// Cluster → every shard: node `node` has (or no longer has) subscribers for `filter`.
+    NodeRoute {
+        filter: Arc<str>,
+        node: u8,
+        add: bool,
+    },
+    /// Cluster → every shard: node `node` is down or left; forget its routes.
+    NodeDown { node: u8 },
+    /// Cluster → client id's home shard: another node took `client_id`; close it here and,
+    /// with `want_session`, export the session.
+    RemoteTakeover {
+        client_id: Arc<str>,
+        want_session: bool,
+        token: u64,
+        node: u8,
+    },
+    /// Cluster → the shard holding a CONNECT: what other nodes had for this client.
+    SessionImport(Box<SessionExport>),
+}
+
+/// A session leaving one node for another (its connection has been closed).
+pub struct SessionExport {
+    pub token: u64,
+    /// Node the session goes to (for exports) or came from (imports).
+    pub node: u8,
+    pub client_id: Arc<str>,
+    pub found: bool,
+    /// (filter, v5 options byte, subscription id or 0).
+    pub subscriptions: Vec<(Arc<str>, u8, u32)>,
+    /// In-flight then queued messages, oldest first.
+    pub messages: Vec<Arc<Message>>,
 }
 
 /// A client socket moving to the shard that owns its client id (its home shard).
@@ -127,8 +189,9 @@ impl Doorbell {
 
 /// One shard's end of the mesh.
 pub struct MeshEndpoint {
-    /// This shard's id.
+    /// This endpoint's id: shards are `0..shards`, the cluster endpoint is `shards`.
     pub id: usize,
+    shard_count: usize,
     inbound: Vec<Arc<ArrayQueue<MeshMsg>>>,
     outbound: Vec<Arc<ArrayQueue<MeshMsg>>>,
     overflow: Vec<VecDeque<MeshMsg>>,
@@ -136,8 +199,11 @@ pub struct MeshEndpoint {
     sent: Vec<bool>,
 }
 
-/// Builds the full mesh for `shards` shards: element `i` belongs to shard `i`.
+/// Builds the full mesh for `shards` shards plus the cluster endpoint: element `i` belongs to
+/// shard `i`, the last element to the cluster thread.
 pub fn build(shards: usize) -> std::io::Result<Vec<MeshEndpoint>> {
+    let shard_count = shards;
+    let shards = shards + 1;
     // Room per pair shrinks with the square of the shard count so the mesh stays a few MiB.
     let cap = (1 << 20) / (shards * shards).max(1);
     let cap = cap.clamp(256, 8192);
@@ -155,6 +221,7 @@ pub fn build(shards: usize) -> std::io::Result<Vec<MeshEndpoint>> {
     Ok((0..shards)
         .map(|id| MeshEndpoint {
             id,
+            shard_count,
             inbound: (0..shards).map(|from| queues[from][id].clone()).collect(),
             outbound: queues[id].clone(),
             overflow: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -165,9 +232,14 @@ pub fn build(shards: usize) -> std::io::Result<Vec<MeshEndpoint>> {
 }
 
 impl MeshEndpoint {
-    /// Number of shards in the mesh.
+    /// Number of shards in the mesh (the cluster endpoint not counted).
     pub fn shards(&self) -> usize {
-        self.outbound.len()
+        self.shard_count
+    }
+
+    /// Id of the cluster endpoint.
+    pub fn cluster(&self) -> usize {
+        self.shard_count
     }
 
     /// This shard's doorbell.
@@ -263,7 +335,7 @@ mod tests {
 
     #[test]
     fn messages_overflow_in_order_and_arrive_in_order() {
-        let mut mesh = build(2).unwrap();
+        let mut mesh = build(1).unwrap();
         let (a, rest) = mesh.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut rest[0]);
         let n = 20_000u64;

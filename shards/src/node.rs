@@ -4,6 +4,7 @@
 //! clear error; each shard then builds its own ring on its own pinned thread and reports back
 //! before the node is declared running.
 
+use crate::cluster::{Cluster, ClusterControl};
 use crate::config::BrokerConfig;
 use crate::mesh::{self, Doorbell};
 use crate::metrics::Metrics;
@@ -35,6 +36,7 @@ pub struct Node {
     shared: Arc<NodeShared>,
     doorbells: Vec<Arc<Doorbell>>,
     threads: Vec<JoinHandle<()>>,
+    cluster_thread: JoinHandle<()>,
 }
 
 impl Node {
@@ -56,18 +58,38 @@ impl Node {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let endpoints = mesh::build(cfg.shards).map_err(StartError::Thread)?;
-        let doorbells = (0..cfg.shards)
+        let mut endpoints = mesh::build(cfg.shards).map_err(StartError::Thread)?;
+        let doorbells: Vec<Arc<Doorbell>> = (0..=cfg.shards)
             .map(|i| endpoints[0].doorbell_of(i))
             .collect();
+        let cluster_endpoint = endpoints.pop().expect("the mesh has a cluster endpoint");
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        let cluster_cfg = cfg.cluster.clone();
+        let cluster_bind = cluster_cfg.bind;
         let shared = Arc::new(NodeShared {
             cfg,
             metrics: Metrics::default(),
             shutdown: AtomicBool::new(false),
+            cluster: Arc::new(ClusterControl::default()),
+            cluster_bell: doorbells[doorbells.len() - 1].clone(),
         });
+        let cluster = Cluster::new(
+            cluster_cfg,
+            shared.clone(),
+            cluster_endpoint,
+            shared.cluster.clone(),
+        )
+        .map_err(|source| StartError::Listen {
+            addr: cluster_bind.unwrap_or_else(|| "0.0.0.0:0".parse().expect("literal")),
+            source,
+        })?;
+        let cluster_shared = shared.clone();
+        let cluster_thread = std::thread::Builder::new()
+            .name("cluster".into())
+            .spawn(move || cluster.run(&cluster_shared.shutdown))
+            .map_err(StartError::Thread)?;
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), std::io::Error>>();
         let mut threads = Vec::new();
         for (endpoint, listener) in endpoints.into_iter().zip(listeners) {
@@ -99,6 +121,7 @@ impl Node {
             shared,
             doorbells,
             threads,
+            cluster_thread,
         };
         for _ in 0..node.threads.len() {
             match ready_rx.recv() {
@@ -151,6 +174,7 @@ impl Node {
         for t in self.threads {
             let _ = t.join();
         }
+        let _ = self.cluster_thread.join();
     }
 }
 

@@ -239,6 +239,19 @@ impl Session {
         out
     }
 
+    /// Removes every message not yet acknowledged, in-flight first then queued, for a
+    /// session moving to another node (PUBREL-stage ones are done for the receiver).
+    pub fn take_messages(&mut self) -> Vec<Delivery> {
+        let mut out: Vec<Delivery> = self
+            .inflight
+            .drain(..)
+            .filter(|i| i.state != InflightState::AwaitPubComp)
+            .map(|i| i.delivery)
+            .collect();
+        out.extend(self.queue.drain(..));
+        out
+    }
+
     /// In-flight messages, oldest first, to resend on session resume (MQTT-4.4.0-1).
     pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
         self.inflight.iter()

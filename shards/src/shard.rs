@@ -12,7 +12,7 @@
 
 use crate::config::BrokerConfig;
 use crate::conn::{Conn, ConnSlab, ConnState};
-use crate::mesh::{Handoff, MeshEndpoint, MeshMsg};
+use crate::mesh::{Handoff, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::ring::{Completion, Ring, Token};
@@ -64,6 +64,10 @@ pub struct NodeShared {
     pub metrics: Metrics,
     /// Set once to stop every shard.
     pub shutdown: AtomicBool,
+    /// The cluster thread's control queue and peer count.
+    pub cluster: Arc<crate::cluster::ClusterControl>,
+    /// Rings the cluster thread after a control command was queued.
+    pub cluster_bell: Arc<crate::mesh::Doorbell>,
 }
 
 /// A session slot: the session, its connection (if online) and when it expires (if offline).
@@ -84,10 +88,25 @@ struct Subscriber {
     id: Option<u32>,
 }
 
+/// A route replica entry: which local shards and which other nodes have subscribers.
+#[derive(Clone, Copy, Default)]
+struct Route {
+    shards: ShardSet,
+    /// Bit `i` = cluster node index `i`.
+    nodes: u64,
+}
+
+impl Route {
+    fn is_empty(&self) -> bool {
+        self.shards.is_empty() && self.nodes == 0
+    }
+}
+
 /// A shared group with members on some shards, as seen in every shard's route replica.
 struct ShareRoute {
     key: Arc<str>,
     shards: ShardSet,
+    nodes: u64,
 }
 
 /// A SUBACK held back until every other shard has applied this shard's new routes, so that a
@@ -133,7 +152,7 @@ pub struct Shard {
     free_sessions: Vec<u32>,
     by_client: AHashMap<Arc<str>, u32>,
     slice: TopicIndex<SmallVec<[Subscriber; 2]>>,
-    routes: TopicIndex<ShardSet>,
+    routes: TopicIndex<Route>,
     retained: AHashMap<Arc<str>, Arc<Message>>,
     /// Shared groups whose owner is this shard (key = the full `$share/g/f` filter).
     groups: AHashMap<Arc<str>, Group>,
@@ -141,6 +160,10 @@ pub struct Shard {
     share_local: AHashMap<Arc<str>, usize>,
     /// Route replica of shared groups: real filter → groups with members somewhere.
     share_routes: TopicIndex<SmallVec<[ShareRoute; 1]>>,
+    /// Turn counter for picking the node of a shared group with no local member.
+    share_rr: u64,
+    /// CONNECTs waiting for other nodes' sessions, by takeover token.
+    resuming: AHashMap<u64, (u32, u32, Box<Connect>, bool)>,
     timers: TimerWheel,
     pending_subacks: AHashMap<u64, PendingSubAck>,
     next_token: u64,
@@ -188,6 +211,8 @@ impl Shard {
             groups: AHashMap::default(),
             share_local: AHashMap::default(),
             share_routes: TopicIndex::default(),
+            share_rr: 0,
+            resuming: AHashMap::default(),
             timers: TimerWheel::new(0),
             pending_subacks: AHashMap::default(),
             next_token: 1,
@@ -349,7 +374,9 @@ impl Shard {
             if let Some(conn) = self.conns.get_mut(slot, gen) {
                 let fd = conn.raw_fd();
                 match conn.state {
-                    ConnState::Connecting => self.ring.recv_once(fd, slot, gen),
+                    ConnState::Connecting | ConnState::Resuming => {
+                        self.ring.recv_once(fd, slot, gen)
+                    }
                     ConnState::Active => self.ring.recv_multi(fd, slot, gen),
                 }
             }
@@ -363,6 +390,16 @@ impl Shard {
         };
         if conn.state == ConnState::Active && conn.keepalive_ms > 0 {
             conn.deadline_ms = self.now_ms + conn.keepalive_ms;
+        }
+        if conn.state == ConnState::Resuming {
+            // Kept until the session arrives; bounded like any partial packet by the
+            // connect timeout and the maximum packet size of what follows.
+            if conn.partial.len() + data.len() > self.shared.cfg.max_packet_size as usize * 2 {
+                self.protocol_error(slot, ReasonCode::PacketTooLarge);
+                return;
+            }
+            conn.partial.extend_from_slice(data);
+            return;
         }
         let mut partial = std::mem::take(&mut conn.partial);
         let buf: &[u8] = if partial.is_empty() {
@@ -402,6 +439,12 @@ impl Shard {
                     };
                     if let Flow::Stop = flow {
                         return;
+                    }
+                    if let Some(c) = self.conns.get_mut(slot, gen) {
+                        if c.state == ConnState::Resuming {
+                            c.partial = buf[off..].to_vec();
+                            return;
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -541,7 +584,171 @@ impl Shard {
     }
 
     /// Binds a connection whose CONNECT is valid to its session on this (home) shard.
+    /// Binds a connection whose CONNECT is valid to its session. In a cluster, the client id
+    /// is first taken from every other node; a CONNECT that wants to resume a session this
+    /// node does not have waits (state `Resuming`) for the other nodes to send theirs.
     fn attach(&mut self, slot: u32, gen: u32, connect: Box<Connect>, assigned: bool) {
+        if self.shared.cluster.peers_up.load(Ordering::Relaxed) > 0 {
+            let token = self.next_token;
+            self.next_token += 1;
+            let local = self.by_client.contains_key(connect.client_id.as_str());
+            let want_session = !connect.clean_start && !local;
+            let cluster = self.mesh.cluster();
+            let msg = MeshMsg::ClusterTakeover {
+                client_id: connect.client_id.as_str().into(),
+                want_session,
+                token,
+                shard: self.id as u16,
+            };
+            self.mesh.send(cluster, msg);
+            if want_session {
+                if let Some(conn) = self.conns.get_mut(slot, gen) {
+                    conn.state = ConnState::Resuming;
+                    self.resuming.insert(token, (slot, gen, connect, assigned));
+                }
+                return;
+            }
+        }
+        self.attach_local(slot, gen, connect, assigned);
+    }
+
+    /// Another node's answer for a CONNECT in `Resuming`: import its session, then attach.
+    fn on_session_import(&mut self, e: SessionExport) {
+        let Some((slot, gen, connect, assigned)) = self.resuming.remove(&e.token) else {
+            return;
+        };
+        if self.conns.get_mut(slot, gen).is_none() {
+            return;
+        }
+        if e.found && !self.by_client.contains_key(&*e.client_id) {
+            log::info!(
+                "shard {}: session {:?} moved here from another node",
+                self.id,
+                e.client_id
+            );
+            let sidx = self.new_session(e.client_id.clone(), false);
+            let token = self.next_token;
+            self.next_token += 1;
+            for (filter, options, id) in e.subscriptions {
+                let options = options_from_byte(options);
+                let id = (id != 0).then_some(id);
+                if shared::is_shared(&filter) {
+                    let s = &mut self.session_mut(sidx).session;
+                    s.subscriptions.push(Subscription {
+                        filter: filter.clone(),
+                        options,
+                        id,
+                    });
+                    self.shared
+                        .metrics
+                        .subscriptions
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.share_join(sidx, filter, token);
+                } else {
+                    self.subscribe_one(sidx, filter, options, id, token);
+                }
+            }
+            let (max_queued, policy) =
+                (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
+            for msg in e.messages {
+                let d = Delivery {
+                    qos: msg.qos,
+                    retain: false,
+                    sub_ids: SmallVec::new(),
+                    share: None,
+                    msg,
+                };
+                self.session_mut(sidx)
+                    .session
+                    .enqueue(d, max_queued, policy);
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(slot, gen) {
+            conn.state = ConnState::Connecting;
+        }
+        self.attach_local(slot, gen, connect, assigned);
+        if self
+            .conns
+            .get_mut(slot, gen)
+            .is_some_and(|c| !c.partial.is_empty())
+        {
+            self.on_bytes(slot, gen, &[]);
+        }
+    }
+
+    /// Another node took `client_id`: close it here and hand over or drop its session.
+    fn on_remote_takeover(
+        &mut self,
+        client_id: Arc<str>,
+        want_session: bool,
+        token: u64,
+        node: u8,
+    ) {
+        let mut export = SessionExport {
+            token,
+            node,
+            client_id: client_id.clone(),
+            found: false,
+            subscriptions: Vec::new(),
+            messages: Vec::new(),
+        };
+        if let Some(sidx) = self.by_client.get(&client_id).copied() {
+            log::info!(
+                "shard {}: client {client_id:?} taken over by another node",
+                self.id
+            );
+            if let Some(slot) = self.session(sidx).conn {
+                self.close(slot, Close::TakenOver);
+            }
+            if let Some(sidx) = self.by_client.get(&client_id).copied() {
+                let entry = self.session_mut(sidx);
+                entry.pending_will = None;
+                if want_session && !entry.session.ephemeral {
+                    export.found = true;
+                    export.subscriptions = entry
+                        .session
+                        .subscriptions
+                        .iter()
+                        .map(|s| {
+                            (
+                                s.filter.clone(),
+                                options_to_byte(s.options),
+                                s.id.unwrap_or(0),
+                            )
+                        })
+                        .collect();
+                    export.messages = entry
+                        .session
+                        .take_messages()
+                        .into_iter()
+                        .map(|d| {
+                            if d.qos == d.msg.qos {
+                                d.msg
+                            } else {
+                                Arc::new(Message {
+                                    topic: d.msg.topic.clone(),
+                                    payload: d.msg.payload.clone(),
+                                    qos: d.qos,
+                                    retain: d.msg.retain,
+                                    properties: d.msg.properties.clone(),
+                                    publisher: d.msg.publisher.clone(),
+                                    expires_at: d.msg.expires_at,
+                                })
+                            }
+                        })
+                        .collect();
+                }
+                self.destroy_session(sidx);
+            }
+        }
+        if want_session {
+            let cluster = self.mesh.cluster();
+            self.mesh
+                .send(cluster, MeshMsg::ClusterSessionExport(Box::new(export)));
+        }
+    }
+
+    fn attach_local(&mut self, slot: u32, gen: u32, connect: Box<Connect>, assigned: bool) {
         let cfg = &self.shared.cfg;
         let (cfg_inflight, cfg_expiry, max_packet) = (
             cfg.max_inflight,
@@ -1075,7 +1282,7 @@ impl Shard {
             client_id: self.session(sidx).session.client_id.clone(),
         };
         if owner == self.id {
-            self.groups.entry(key.clone()).or_default().join(member);
+            self.group_join(key.clone(), member);
         } else {
             self.mesh.send(
                 owner,
@@ -1148,10 +1355,22 @@ impl Shard {
         }
     }
 
+    /// On the group's owner shard: adds a member; the node announces the group to the
+    /// cluster when it gets its first member here.
+    fn group_join(&mut self, key: Arc<str>, member: Member) {
+        let group = self.groups.entry(key.clone()).or_default();
+        let first = group.members.is_empty();
+        group.join(member);
+        if first {
+            self.node_route_changed(&key, true);
+        }
+    }
+
     fn group_leave(&mut self, key: &Arc<str>, shard: u16, session: u32) {
         if let Some(g) = self.groups.get_mut(key) {
             if g.leave(shard, session) {
                 self.groups.remove(key);
+                self.node_route_changed(key, false);
             }
         }
     }
@@ -1168,6 +1387,7 @@ impl Shard {
                 list.push(ShareRoute {
                     key: key.clone(),
                     shards,
+                    nodes: 0,
                 });
             }
         }
@@ -1182,7 +1402,7 @@ impl Shard {
                 r.shards.remove(shard);
             }
         }
-        list.retain(|r| !r.shards.is_empty());
+        list.retain(|r| !r.shards.is_empty() || r.nodes != 0);
         if list.is_empty() {
             self.share_routes.remove(filter);
         }
@@ -1369,9 +1589,7 @@ impl Shard {
         if !fresh {
             return false;
         }
-        self.routes
-            .get_or_insert_with(&filter, ShardSet::default)
-            .insert(self.id);
+        self.route_add_local(&filter, self.id);
         for to in 0..self.mesh.shards() {
             if to != self.id {
                 let msg = MeshMsg::RouteAdd {
@@ -1444,22 +1662,130 @@ impl Shard {
         }
     }
 
+    fn route_add_local(&mut self, filter: &str, shard: usize) {
+        let r = self.routes.get_or_insert_with(filter, Route::default);
+        let was_empty = r.shards.is_empty();
+        r.shards.insert(shard);
+        if was_empty {
+            self.node_route_changed(filter, true);
+        }
+    }
+
     fn route_del(&mut self, filter: &str, shard: usize) {
-        if let Some(set) = self.routes.get_mut(filter) {
-            set.remove(shard);
-            if set.is_empty() {
+        let Some(r) = self.routes.get_mut(filter) else {
+            return;
+        };
+        let had = !r.shards.is_empty();
+        r.shards.remove(shard);
+        let gone = had && r.shards.is_empty();
+        if r.is_empty() {
+            self.routes.remove(filter);
+        }
+        if gone {
+            self.node_route_changed(filter, false);
+        }
+    }
+
+    /// Tells the cluster that this node gained or lost its last subscriber of `filter`. Only
+    /// the filter's home shard speaks for the node, so the changes it reports are ordered.
+    fn node_route_changed(&mut self, filter: &str, add: bool) {
+        if !self.shared.cluster.enabled.load(Ordering::Relaxed)
+            || home_shard(filter, self.mesh.shards()) != self.id
+        {
+            return;
+        }
+        let cluster = self.mesh.cluster();
+        self.mesh.send(
+            cluster,
+            MeshMsg::ClusterRoute {
+                filter: filter.into(),
+                add,
+            },
+        );
+    }
+
+    /// Applies another node's route change to this shard's replica.
+    fn node_route(&mut self, filter: &str, node: u8, add: bool) {
+        let bit = 1u64 << node;
+        if let Some((_, real)) = shared::parse_shared(filter) {
+            let key: Arc<str> = filter.into();
+            let list = self.share_routes.get_or_insert_with(real, SmallVec::new);
+            match list.iter_mut().find(|r| r.key == key) {
+                Some(r) if add => r.nodes |= bit,
+                Some(r) => r.nodes &= !bit,
+                None if add => list.push(ShareRoute {
+                    key,
+                    shards: ShardSet::default(),
+                    nodes: bit,
+                }),
+                None => {}
+            }
+            list.retain(|r| !r.shards.is_empty() || r.nodes != 0);
+            if list.is_empty() {
+                self.share_routes.remove(real);
+            }
+            return;
+        }
+        if add {
+            self.routes.get_or_insert_with(filter, Route::default).nodes |= bit;
+        } else if let Some(r) = self.routes.get_mut(filter) {
+            r.nodes &= !bit;
+            if r.is_empty() {
                 self.routes.remove(filter);
             }
         }
     }
 
+    /// Forgets every route of a node that went down or left.
+    fn node_down(&mut self, node: u8) {
+        let mut filters = Vec::new();
+        self.routes.for_each(|f, r| {
+            if r.nodes & (1u64 << node) != 0 {
+                filters.push(f.to_string());
+            }
+        });
+        self.share_routes.for_each(|_, list| {
+            for r in list.iter() {
+                if r.nodes & (1u64 << node) != 0 {
+                    filters.push(r.key.to_string());
+                }
+            }
+        });
+        for f in filters {
+            self.node_route(&f, node, false);
+        }
+    }
+
     // ---------------------------------------------------------------- routing and delivery
 
-    /// Sends a message to every shard with a matching route (this one included).
+    /// Sends a message to every shard and node with a matching route (this one included).
+    /// Returns whether anything matched.
     fn route(&mut self, msg: Arc<Message>) -> bool {
+        self.route_with(msg, true, None)
+    }
+
+    /// Routes `msg` on this node: to local shards when `normal`, to the shared groups in
+    /// `only_groups` (or all matching groups when `None`). Messages that came from another
+    /// node are routed with `from_node = true` semantics by the caller passing
+    /// `Some(groups)`: they are never forwarded again.
+    fn route_with(
+        &mut self,
+        msg: Arc<Message>,
+        normal: bool,
+        only_groups: Option<Vec<Arc<str>>>,
+    ) -> bool {
+        let remote = only_groups.is_some();
         let mut targets = ShardSet::default();
-        self.routes
-            .for_each_match(&msg.topic, |s| targets.union_with(s));
+        let mut nodes = 0u64;
+        if normal {
+            self.routes.for_each_match(&msg.topic, |r| {
+                targets.union_with(&r.shards);
+                nodes |= r.nodes;
+            });
+        }
+        if remote {
+            nodes = 0;
+        }
         for shard in targets.iter() {
             if shard == self.id {
                 continue;
@@ -1473,18 +1799,59 @@ impl Shard {
         if targets.contains(self.id) {
             self.deliver_local(&msg);
         }
-        if self.share_routes.is_empty() {
-            return !targets.is_empty();
+        let mut matched = !targets.is_empty() || nodes != 0;
+        let mut remote_groups: Vec<(Arc<str>, u8)> = Vec::new();
+        if let Some(keys) = only_groups {
+            matched |= !keys.is_empty();
+            for key in keys {
+                self.shared_publish(key, msg.clone(), Vec::new());
+            }
+        } else if !self.share_routes.is_empty() {
+            let mut groups: SmallVec<[(Arc<str>, bool, u64); 2]> = SmallVec::new();
+            self.share_routes.for_each_match(&msg.topic, |list| {
+                groups.extend(
+                    list.iter()
+                        .map(|r| (r.key.clone(), !r.shards.is_empty(), r.nodes)),
+                )
+            });
+            groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            groups.dedup_by(|a, b| {
+                if a.0 == b.0 {
+                    b.1 |= a.1;
+                    b.2 |= a.2;
+                    true
+                } else {
+                    false
+                }
+            });
+            matched |= !groups.is_empty();
+            for (key, local, group_nodes) in groups {
+                // One member per group cluster-wide: this node's members when it has any,
+                // else one node that has members, in turn.
+                if local {
+                    self.shared_publish(key, msg.clone(), Vec::new());
+                } else if group_nodes != 0 {
+                    self.share_rr = self.share_rr.wrapping_add(1);
+                    let n = group_nodes.count_ones() as u64;
+                    let pick = self.share_rr % n;
+                    let node = (0..64u8)
+                        .filter(|b| group_nodes & (1u64 << b) != 0)
+                        .nth(pick as usize)
+                        .unwrap_or(0);
+                    remote_groups.push((key, node));
+                }
+            }
         }
-        let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
-        self.share_routes.for_each_match(&msg.topic, |list| {
-            groups.extend(list.iter().map(|r| r.key.clone()))
-        });
-        groups.sort_unstable();
-        groups.dedup();
-        let matched = !targets.is_empty() || !groups.is_empty();
-        for key in groups {
-            self.shared_publish(key, msg.clone(), Vec::new());
+        if nodes != 0 || !remote_groups.is_empty() {
+            let cluster = self.mesh.cluster();
+            self.mesh.send(
+                cluster,
+                MeshMsg::ClusterForward {
+                    msg,
+                    nodes,
+                    shared: remote_groups,
+                },
+            );
         }
         matched
     }
@@ -1718,6 +2085,11 @@ impl Shard {
             Some(msg.clone())
         };
         self.apply_retained(msg.topic.clone(), value.clone());
+        if self.shared.cluster.enabled.load(Ordering::Relaxed) {
+            let cluster = self.mesh.cluster();
+            self.mesh
+                .send(cluster, MeshMsg::ClusterRetain { msg: msg.clone() });
+        }
         for to in 0..self.mesh.shards() {
             if to != self.id {
                 self.mesh.send(
@@ -1748,9 +2120,7 @@ impl Shard {
         match m {
             MeshMsg::Publish(msg) => self.deliver_local(&msg),
             MeshMsg::RouteAdd { filter, shard, ack } => {
-                self.routes
-                    .get_or_insert_with(&filter, ShardSet::default)
-                    .insert(shard as usize);
+                self.route_add_local(&filter, shard as usize);
                 self.mesh
                     .send(shard as usize, MeshMsg::RouteAck { token: ack });
             }
@@ -1758,7 +2128,30 @@ impl Shard {
             MeshMsg::RouteDel { filter, shard } => self.route_del(&filter, shard as usize),
             MeshMsg::Retain { topic, msg } => self.apply_retained(topic, msg),
             MeshMsg::Handoff(h) => self.on_handoff(*h),
-            MeshMsg::ShareJoin { key, member } => self.groups.entry(key).or_default().join(member),
+            MeshMsg::ShareJoin { key, member } => self.group_join(key, member),
+            MeshMsg::RemotePublish {
+                msg,
+                normal,
+                shared,
+            } => {
+                self.route_with(msg, normal, Some(shared));
+            }
+            MeshMsg::NodeRoute { filter, node, add } => self.node_route(&filter, node, add),
+            MeshMsg::NodeDown { node } => self.node_down(node),
+            MeshMsg::RemoteTakeover {
+                client_id,
+                want_session,
+                token,
+                node,
+            } => self.on_remote_takeover(client_id, want_session, token, node),
+            MeshMsg::SessionImport(e) => self.on_session_import(*e),
+            MeshMsg::ClusterRoute { .. }
+            | MeshMsg::ClusterForward { .. }
+            | MeshMsg::ClusterRetain { .. }
+            | MeshMsg::ClusterTakeover { .. }
+            | MeshMsg::ClusterSessionExport(_) => {
+                debug_assert!(false, "cluster-bound message delivered to a shard");
+            }
             MeshMsg::ShareLeave {
                 key,
                 shard,
@@ -1869,7 +2262,7 @@ impl Shard {
             return;
         }
         let reason = match conn.state {
-            ConnState::Connecting => {
+            ConnState::Connecting | ConnState::Resuming => {
                 log::info!("shard {}: CONNECT not completed in time; closing", self.id);
                 ReasonCode::MaximumConnectTime
             }
@@ -2101,6 +2494,27 @@ impl Shard {
             self.close(slot, Close::Shutdown);
         }
         log::debug!("shard {} stopped", self.id);
+    }
+}
+
+/// The v5 subscription options byte (MQTT 3.8.3.1), used to move subscriptions between nodes.
+fn options_to_byte(o: SubscriptionOptions) -> u8 {
+    o.qos as u8
+        | (o.no_local as u8) << 2
+        | (o.retain_as_published as u8) << 3
+        | (o.retain_handling as u8) << 4
+}
+
+fn options_from_byte(b: u8) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos: QoS::from_u8(b & 3).unwrap_or(QoS::AtMostOnce),
+        no_local: b & 0x04 != 0,
+        retain_as_published: b & 0x08 != 0,
+        retain_handling: match (b >> 4) & 3 {
+            1 => RetainHandling::SendIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => RetainHandling::SendAtSubscribe,
+        },
     }
 }
 

@@ -149,6 +149,8 @@ def start_shardmq(workdir: Path, shards: int = 2) -> Broker:
     # binary knows are set: unknown keys are start-up errors.
     if re.search(r"(?m)^\[management\]", embedded_config(binary)):
         overrides["SHARDMQ_MANAGEMENT__BIND"] = f"127.0.0.1:{free_port()}"
+    if re.search(r"(?m)^\[cluster\]", embedded_config(binary)):
+        overrides["SHARDMQ_CLUSTER__BIND"] = f"127.0.0.1:{free_port()}"
     env = broker_env(overrides)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

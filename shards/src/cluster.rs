@@ -1,0 +1,1257 @@
+//! The cluster endpoint: one thread per node that keeps a link to every other node, replicates
+//! this node's routes and retained messages to them, forwards messages, and carries client-id
+//! takeovers and session transfers.
+//!
+//! It is the last endpoint of the mesh, so shards talk to it exactly as to each other. Links
+//! are plain non-blocking TCP sockets driven by `poll(2)` together with the endpoint's
+//! doorbell; all frames for a peer produced in one turn leave in one `writev`, payloads written
+//! straight from their `Bytes`.
+//!
+//! Each node is the only writer of its own routes: the home shard of a filter reports when the
+//! node gains or loses its last subscriber for it, this thread numbers the change and sends it
+//! to every peer, and a (re)connected peer gets a full snapshot. A peer that goes down simply
+//! has its routes dropped by every shard (`NodeDown`); nothing needs merging when it returns.
+
+use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::shard::home_shard;
+use bytes::{Bytes, BytesMut};
+use shardmq_net::cluster::{
+    cookie_digest, encode_publish_head, Frame, FrameReader, WireMessage, WireSubscription,
+    CLUSTER_PROTOCOL_VERSION,
+};
+use shardmq_net::codec::{decode_message_properties, encode_message_properties};
+use shardmq_net::QoS;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most peers a node links to (node indices are bits of a `u64`).
+pub const PEERS_MAX: usize = 64;
+/// Default cluster port, used when a node is named without one.
+pub const DEFAULT_PORT: u16 = 4370;
+/// Time a new link has to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a node waits for the other nodes' sessions before answering a resuming CONNECT.
+const SESSION_WAIT: Duration = Duration::from_secs(3);
+/// Output queued for one peer beyond which forwarded QoS 0 messages are dropped (counted).
+const LINK_QOS0_DROP_BYTES: usize = 64 * 1024 * 1024;
+
+/// How a node finds its peers at start-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// `shardmq ctl cluster join` only.
+    Manual,
+    /// Join the listed seeds (`name@host[:port]`) at start-up.
+    Static(Vec<String>),
+}
+
+/// Cluster settings.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Cluster listener; `None` = this node never clusters.
+    pub bind: Option<SocketAddr>,
+    /// Shared secret checked on every link handshake.
+    pub cookie: String,
+    pub discovery: Discovery,
+    /// Interval of heartbeats, in ms.
+    pub heartbeat_ms: u64,
+    /// Silence after which a peer is marked down, in ms.
+    pub down_after_ms: u64,
+    /// Where the member list is kept across restarts.
+    pub data_dir: PathBuf,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            bind: None,
+            cookie: "shardmq".into(),
+            discovery: Discovery::Manual,
+            heartbeat_ms: 1000,
+            down_after_ms: 5000,
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+/// A management request to the cluster thread; the answer (JSON) goes back on `reply`.
+pub enum ControlCmd {
+    Join(String, mpsc::Sender<Result<String, String>>),
+    Leave(mpsc::Sender<Result<String, String>>),
+    Status(mpsc::Sender<Result<String, String>>),
+}
+
+/// What the management API shares with the cluster thread.
+#[derive(Default)]
+pub struct ClusterControl {
+    pub queue: Mutex<VecDeque<ControlCmd>>,
+    /// Live peers; shards skip cluster work while it is 0.
+    pub peers_up: AtomicUsize,
+    /// Set when the node has a cluster listener.
+    pub enabled: AtomicBool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerState {
+    Up,
+    Down,
+    /// Left the cluster (or was told to leave): not dialled again.
+    Gone,
+}
+
+/// What we know of another node.
+struct Peer {
+    name: String,
+    addr: String,
+    state: PeerState,
+    link: Option<usize>,
+    last_dial: Option<Instant>,
+    uptime_s: u64,
+    connections: u64,
+    routes: HashSet<String>,
+    route_seq: u64,
+}
+
+/// One TCP connection to a peer, before or after the handshake.
+struct Link {
+    stream: TcpStream,
+    reader: FrameReader,
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
+    nonce: u64,
+    peer_name: Option<String>,
+    peer_addr: String,
+    authed: bool,
+    hello_seen: bool,
+    started: Instant,
+    last_rx: Instant,
+    closed: bool,
+}
+
+/// A resuming CONNECT waiting for the other nodes' answers.
+struct PendingTakeover {
+    shard: u16,
+    client_id: Arc<str>,
+    waiting: HashSet<u8>,
+    found: Option<Box<SessionExport>>,
+    deadline: Instant,
+}
+
+/// The cluster thread's state.
+pub struct Cluster {
+    node: String,
+    advertised: String,
+    cfg: ClusterConfig,
+    mesh: MeshEndpoint,
+    control: Arc<ClusterControl>,
+    metrics: Arc<crate::shard::NodeShared>,
+    listener: Option<TcpListener>,
+    peers: Vec<Peer>,
+    links: Vec<Option<Link>>,
+    local_routes: HashSet<String>,
+    route_seq: u64,
+    retained: HashMap<String, Arc<Message>>,
+    pending: HashMap<u64, PendingTakeover>,
+    started: Instant,
+    started_ms: u64,
+    last_heartbeat: Instant,
+    nonce_seed: u64,
+    scratch: BytesMut,
+}
+
+/// Host part of `name@host[:port]` and the cluster address it stands for.
+pub fn node_addr(node: &str) -> Option<String> {
+    let (_, host) = node.split_once('@')?;
+    if host.is_empty() {
+        return None;
+    }
+    if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        Some(host.to_string())
+    } else {
+        Some(format!("{host}:{DEFAULT_PORT}"))
+    }
+}
+
+impl Cluster {
+    /// Binds the cluster listener (if any); the thread is started with [`Cluster::run`].
+    pub fn new(
+        cfg: ClusterConfig,
+        shared: Arc<crate::shard::NodeShared>,
+        mesh: MeshEndpoint,
+        control: Arc<ClusterControl>,
+    ) -> std::io::Result<Cluster> {
+        let node = shared.cfg.node_name.clone();
+        let listener = match cfg.bind {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                control.enabled.store(true, Ordering::Relaxed);
+                Some(l)
+            }
+            None => None,
+        };
+        let port = listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .unwrap_or(DEFAULT_PORT);
+        let host = node
+            .split_once('@')
+            .map(|(_, h)| h.to_string())
+            .unwrap_or_default();
+        let advertised = match cfg.bind {
+            Some(a) if !a.ip().is_unspecified() => format!("{}:{port}", a.ip()),
+            _ => format!("{host}:{port}"),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Cluster {
+            node,
+            advertised,
+            cfg,
+            mesh,
+            control,
+            metrics: shared,
+            listener,
+            peers: Vec::new(),
+            links: Vec::new(),
+            local_routes: HashSet::new(),
+            route_seq: 0,
+            retained: HashMap::new(),
+            pending: HashMap::new(),
+            started: Instant::now(),
+            started_ms: now.as_millis() as u64,
+            last_heartbeat: Instant::now(),
+            nonce_seed: now.as_nanos() as u64 ^ std::process::id() as u64,
+            scratch: BytesMut::with_capacity(64 * 1024),
+        })
+    }
+
+    /// The address peers reach this node at.
+    pub fn advertised(&self) -> &str {
+        &self.advertised
+    }
+
+    fn members_file(&self) -> PathBuf {
+        self.cfg.data_dir.join("cluster_members")
+    }
+
+    /// Runs until `stop` is set.
+    pub fn run(mut self, stop: &AtomicBool) {
+        if self.listener.is_some() {
+            self.load_members();
+            if let Discovery::Static(seeds) = self.cfg.discovery.clone() {
+                for seed in seeds {
+                    if let Err(e) = self.join(&seed) {
+                        log::warn!("cluster: static seed {seed}: {e}");
+                    }
+                }
+            }
+        }
+        let mut msgs = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            self.poll_once(Duration::from_millis(100));
+            msgs.clear();
+            self.mesh.recv(4096, &mut msgs);
+            for m in msgs.drain(..) {
+                self.on_mesh(m);
+            }
+            self.on_control();
+            self.accept();
+            self.read_links();
+            self.tick();
+            self.flush_links();
+            self.mesh.flush();
+        }
+        self.flush_links();
+    }
+
+    // ------------------------------------------------------------------ I/O plumbing
+
+    fn poll_once(&mut self, timeout: Duration) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.mesh.doorbell().raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(l) = &self.listener {
+            fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for link in self.links.iter().flatten() {
+            let mut events = libc::POLLIN;
+            if !link.out.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: link.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        if !self.mesh.park() {
+            return;
+        }
+        // SAFETY: fds is a live array of pollfd of the given length.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
+        self.mesh.unpark();
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut b = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer from our eventfd.
+            unsafe { libc::read(fds[0].fd, b.as_mut_ptr() as *mut libc::c_void, 8) };
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let mut accepted = Vec::new();
+        while let Ok((stream, addr)) = l.accept() {
+            accepted.push((stream, addr));
+        }
+        for (stream, addr) in accepted {
+            self.add_link(stream, addr.to_string());
+        }
+    }
+
+    fn add_link(&mut self, stream: TcpStream, peer_addr: String) -> usize {
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.set_nodelay(true);
+        self.nonce_seed = self
+            .nonce_seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let link = Link {
+            stream,
+            reader: FrameReader::default(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            nonce: self.nonce_seed,
+            peer_name: None,
+            peer_addr,
+            authed: false,
+            hello_seen: false,
+            started: Instant::now(),
+            last_rx: Instant::now(),
+            closed: false,
+        };
+        let idx = match self.links.iter().position(|l| l.is_none()) {
+            Some(i) => {
+                self.links[i] = Some(link);
+                i
+            }
+            None => {
+                self.links.push(Some(link));
+                self.links.len() - 1
+            }
+        };
+        let hello = Frame::Hello {
+            version: CLUSTER_PROTOCOL_VERSION,
+            node: self.node.clone(),
+            cluster_addr: self.advertised.clone(),
+            nonce: self.links[idx].as_ref().expect("just added").nonce,
+            started_ms: self.started_ms,
+        };
+        self.send(idx, &hello);
+        idx
+    }
+
+    fn send(&mut self, link: usize, frame: &Frame) {
+        frame.encode(&mut self.scratch);
+        let bytes = self.scratch.split().freeze();
+        if let Some(l) = self.links.get_mut(link).and_then(|l| l.as_mut()) {
+            l.out_bytes += bytes.len();
+            l.out.push_back(bytes);
+        }
+    }
+
+    fn read_links(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        for i in 0..self.links.len() {
+            let mut frames = Vec::new();
+            let mut error = None;
+            if let Some(link) = self.links[i].as_mut() {
+                loop {
+                    match link.stream.read(&mut buf) {
+                        Ok(0) => {
+                            error = Some("closed by peer".to_string());
+                            break;
+                        }
+                        Ok(n) => {
+                            link.last_rx = Instant::now();
+                            link.reader.extend(&buf[..n]);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                loop {
+                    match link.reader.next_frame() {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::warn!(
+                                "cluster: bad frame from {}: {e}; closing link",
+                                link.peer_addr
+                            );
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            for f in frames {
+                if self.links[i].as_ref().is_some_and(|l| !l.closed) {
+                    self.on_frame(i, f);
+                }
+            }
+            if let Some(e) = error {
+                self.close_link(i, &e);
+            }
+        }
+        for i in 0..self.links.len() {
+            if self.links[i].as_ref().is_some_and(|l| l.closed) {
+                self.close_link(i, "closed");
+            }
+        }
+    }
+
+    fn flush_links(&mut self) {
+        for i in 0..self.links.len() {
+            let mut failed = None;
+            if let Some(link) = self.links[i].as_mut() {
+                while !link.out.is_empty() {
+                    let slices: Vec<std::io::IoSlice> = link
+                        .out
+                        .iter()
+                        .take(64)
+                        .map(|b| std::io::IoSlice::new(b))
+                        .collect();
+                    match link.stream.write_vectored(&slices) {
+                        Ok(0) => {
+                            failed = Some("write returned 0".to_string());
+                            break;
+                        }
+                        Ok(mut n) => {
+                            link.out_bytes -= n;
+                            while n > 0 {
+                                let front =
+                                    link.out.front_mut().expect("written bytes were queued");
+                                if front.len() <= n {
+                                    n -= front.len();
+                                    link.out.pop_front();
+                                } else {
+                                    let _ = front.split_to(n);
+                                    n = 0;
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                self.close_link(i, &e);
+            }
+        }
+    }
+
+    fn close_link(&mut self, idx: usize, why: &str) {
+        let Some(link) = self.links[idx].take() else {
+            return;
+        };
+        let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        let Some(name) = link.peer_name else {
+            log::debug!(
+                "cluster: link from {} closed before handshake: {why}",
+                link.peer_addr
+            );
+            return;
+        };
+        let Some(p) = self.peer_index(&name) else {
+            return;
+        };
+        if self.peers[p].link == Some(idx) {
+            self.peers[p].link = None;
+            if self.peers[p].state == PeerState::Up {
+                log::warn!("cluster: node {name} is down ({why})");
+                self.peers[p].state = PeerState::Down;
+                self.peer_down(p);
+            }
+        }
+    }
+
+    fn peer_down(&mut self, p: usize) {
+        self.peers[p].routes.clear();
+        self.control.peers_up.fetch_sub(1, Ordering::Relaxed);
+        for shard in 0..self.mesh.shards() {
+            self.mesh.send(shard, MeshMsg::NodeDown { node: p as u8 });
+        }
+        // A resuming CONNECT no longer waits for this node.
+        let tokens: Vec<u64> = self.pending.keys().copied().collect();
+        for t in tokens {
+            self.takeover_answer(t, p as u8, None);
+        }
+    }
+
+    fn peer_index(&self, name: &str) -> Option<usize> {
+        self.peers.iter().position(|p| p.name == name)
+    }
+
+    fn peer_entry(&mut self, name: &str, addr: &str) -> Option<usize> {
+        if let Some(i) = self.peer_index(name) {
+            if !addr.is_empty() {
+                self.peers[i].addr = addr.to_string();
+            }
+            return Some(i);
+        }
+        if self.peers.len() >= PEERS_MAX {
+            log::error!("cluster: more than {PEERS_MAX} nodes; ignoring {name}");
+            return None;
+        }
+        self.peers.push(Peer {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            state: PeerState::Down,
+            link: None,
+            last_dial: None,
+            uptime_s: 0,
+            connections: 0,
+            routes: HashSet::new(),
+            route_seq: 0,
+        });
+        Some(self.peers.len() - 1)
+    }
+
+    // ------------------------------------------------------------------ handshake and frames
+
+    fn on_frame(&mut self, link: usize, frame: Frame) {
+        let (authed, hello_seen) = match &self.links[link] {
+            Some(l) => (l.authed, l.hello_seen),
+            None => return,
+        };
+        match frame {
+            Frame::Hello {
+                version,
+                node,
+                cluster_addr,
+                nonce,
+                ..
+            } => {
+                if hello_seen || version != CLUSTER_PROTOCOL_VERSION || node == self.node {
+                    log::warn!("cluster: refusing link from {node}: bad hello (version {version})");
+                    self.mark_closed(link);
+                    return;
+                }
+                let l = self.links[link].as_mut().expect("checked above");
+                l.hello_seen = true;
+                l.peer_name = Some(node);
+                l.peer_addr = cluster_addr;
+                let digest = cookie_digest(&self.cfg.cookie, nonce);
+                self.send(link, &Frame::Auth { digest });
+            }
+            Frame::Auth { digest } => {
+                let l = self.links[link].as_ref().expect("checked above");
+                if !hello_seen || authed || digest != cookie_digest(&self.cfg.cookie, l.nonce) {
+                    log::warn!(
+                        "cluster: refusing link from {} ({}): wrong cookie",
+                        l.peer_name.as_deref().unwrap_or("?"),
+                        l.peer_addr
+                    );
+                    self.mark_closed(link);
+                    return;
+                }
+                self.links[link].as_mut().expect("checked above").authed = true;
+                self.link_up(link);
+            }
+            _ if !authed => {
+                log::warn!("cluster: frame before handshake; closing link");
+                self.mark_closed(link);
+            }
+            f => self.on_peer_frame(link, f),
+        }
+    }
+
+    fn mark_closed(&mut self, link: usize) {
+        if let Some(l) = self.links[link].as_mut() {
+            l.closed = true;
+        }
+    }
+
+    fn link_up(&mut self, link: usize) {
+        let (name, addr) = {
+            let l = self.links[link].as_ref().expect("link exists");
+            (
+                l.peer_name.clone().expect("hello seen"),
+                l.peer_addr.clone(),
+            )
+        };
+        let Some(p) = self.peer_entry(&name, &addr) else {
+            self.mark_closed(link);
+            return;
+        };
+        if self.peers[p].state == PeerState::Up && self.peers[p].link.is_some() {
+            // Both sides dialled at once: keep the link dialled by the smaller name.
+            let keep_new = self.node < name;
+            let old = self.peers[p].link.expect("up peer has a link");
+            let (close, keep) = if keep_new { (old, link) } else { (link, old) };
+            self.peers[p].link = Some(keep);
+            if let Some(l) = self.links[close].as_mut() {
+                l.peer_name = None;
+                l.closed = true;
+            }
+            return;
+        }
+        log::info!("cluster: node {name} is up ({addr})");
+        self.peers[p].state = PeerState::Up;
+        self.peers[p].link = Some(link);
+        self.peers[p].routes.clear();
+        self.control.peers_up.fetch_add(1, Ordering::Relaxed);
+        self.save_members();
+        let members = self.member_list();
+        self.send(link, &Frame::Members { members });
+        let filters: Vec<String> = self.local_routes.iter().cloned().collect();
+        let seq = self.route_seq;
+        self.send(link, &Frame::RouteSnapshot { seq, filters });
+        let retained: Vec<Arc<Message>> = self.retained.values().cloned().collect();
+        for m in retained {
+            let msg = to_wire(&m);
+            self.send(link, &Frame::Retain { msg });
+        }
+        self.send_heartbeat(link);
+    }
+
+    fn member_list(&self) -> Vec<(String, String)> {
+        let mut m: Vec<(String, String)> = self
+            .peers
+            .iter()
+            .filter(|p| p.state != PeerState::Gone)
+            .map(|p| (p.name.clone(), p.addr.clone()))
+            .collect();
+        m.push((self.node.clone(), self.advertised.clone()));
+        m
+    }
+
+    fn peer_of_link(&self, link: usize) -> Option<usize> {
+        let name = self.links[link].as_ref()?.peer_name.as_deref()?;
+        let p = self.peer_index(name)?;
+        (self.peers[p].link == Some(link)).then_some(p)
+    }
+
+    fn on_peer_frame(&mut self, link: usize, frame: Frame) {
+        let Some(p) = self.peer_of_link(link) else {
+            return;
+        };
+        let node = p as u8;
+        match frame {
+            Frame::Heartbeat {
+                uptime_s,
+                connections,
+                ..
+            } => {
+                self.peers[p].uptime_s = uptime_s;
+                self.peers[p].connections = connections;
+            }
+            Frame::Members { members } => {
+                for (name, addr) in members {
+                    if name != self.node && self.peer_index(&name).is_none() {
+                        log::info!("cluster: learned of node {name} ({addr})");
+                        self.peer_entry(&name, &addr);
+                    }
+                }
+                self.save_members();
+            }
+            Frame::Leave => {
+                log::info!("cluster: node {} left", self.peers[p].name);
+                self.peers[p].state = PeerState::Gone;
+                self.peers[p].link = None;
+                self.peer_down(p);
+                self.save_members();
+                if let Some(l) = self.links[link].as_mut() {
+                    l.peer_name = None;
+                    l.closed = true;
+                }
+            }
+            Frame::RouteAdd { seq, filter } => {
+                if seq > self.peers[p].route_seq {
+                    self.peers[p].route_seq = seq;
+                    if self.peers[p].routes.insert(filter.clone()) {
+                        self.broadcast_route(filter.into(), node, true);
+                    }
+                }
+            }
+            Frame::RouteDel { seq, filter } => {
+                if seq > self.peers[p].route_seq {
+                    self.peers[p].route_seq = seq;
+                    if self.peers[p].routes.remove(&filter) {
+                        self.broadcast_route(filter.into(), node, false);
+                    }
+                }
+            }
+            Frame::RouteSnapshot { seq, filters } => {
+                let new: HashSet<String> = filters.into_iter().collect();
+                let old = std::mem::take(&mut self.peers[p].routes);
+                for f in old.difference(&new) {
+                    self.broadcast_route(f.as_str().into(), node, false);
+                }
+                for f in new.difference(&old) {
+                    self.broadcast_route(f.as_str().into(), node, true);
+                }
+                self.peers[p].routes = new;
+                self.peers[p].route_seq = seq;
+            }
+            Frame::Publish {
+                msg,
+                normal,
+                shared,
+            } => {
+                let Some(msg) = from_wire(msg) else { return };
+                let shard = home_shard(&msg.publisher, self.mesh.shards());
+                let shared = shared.into_iter().map(Arc::from).collect();
+                self.mesh.send(
+                    shard,
+                    MeshMsg::RemotePublish {
+                        msg,
+                        normal,
+                        shared,
+                    },
+                );
+            }
+            Frame::Retain { msg } => {
+                let Some(msg) = from_wire(msg) else { return };
+                self.store_retained(&msg);
+                let value = (!msg.payload.is_empty()).then(|| msg.clone());
+                for shard in 0..self.mesh.shards() {
+                    self.mesh.send(
+                        shard,
+                        MeshMsg::Retain {
+                            topic: msg.topic.clone(),
+                            msg: value.clone(),
+                        },
+                    );
+                }
+            }
+            Frame::Takeover {
+                client_id,
+                want_session,
+                token,
+            } => {
+                let shard = home_shard(&client_id, self.mesh.shards());
+                self.mesh.send(
+                    shard,
+                    MeshMsg::RemoteTakeover {
+                        client_id: client_id.into(),
+                        want_session,
+                        token,
+                        node,
+                    },
+                );
+            }
+            Frame::SessionTransfer {
+                token,
+                client_id,
+                found,
+                subscriptions,
+                messages,
+            } => {
+                let export = found.then(|| {
+                    Box::new(SessionExport {
+                        token,
+                        node,
+                        client_id: client_id.as_str().into(),
+                        found,
+                        subscriptions: subscriptions
+                            .into_iter()
+                            .map(|s| (Arc::from(s.filter.as_str()), s.options, s.id))
+                            .collect(),
+                        messages: messages.into_iter().filter_map(from_wire).collect(),
+                    })
+                });
+                self.takeover_answer(token, node, export);
+            }
+            Frame::Hello { .. } | Frame::Auth { .. } => self.mark_closed(link),
+        }
+    }
+
+    fn broadcast_route(&mut self, filter: Arc<str>, node: u8, add: bool) {
+        for shard in 0..self.mesh.shards() {
+            self.mesh.send(
+                shard,
+                MeshMsg::NodeRoute {
+                    filter: filter.clone(),
+                    node,
+                    add,
+                },
+            );
+        }
+    }
+
+    fn up_links(&self) -> Vec<(usize, usize)> {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state == PeerState::Up)
+            .filter_map(|(i, p)| p.link.map(|l| (i, l)))
+            .collect()
+    }
+
+    // ------------------------------------------------------------------ messages from shards
+
+    fn on_mesh(&mut self, m: MeshMsg) {
+        match m {
+            MeshMsg::ClusterRoute { filter, add } => {
+                let changed = if add {
+                    self.local_routes.insert(filter.to_string())
+                } else {
+                    self.local_routes.remove(&*filter)
+                };
+                if !changed {
+                    return;
+                }
+                self.route_seq += 1;
+                let seq = self.route_seq;
+                let frame = if add {
+                    Frame::RouteAdd {
+                        seq,
+                        filter: filter.to_string(),
+                    }
+                } else {
+                    Frame::RouteDel {
+                        seq,
+                        filter: filter.to_string(),
+                    }
+                };
+                for (_, link) in self.up_links() {
+                    self.send(link, &frame);
+                }
+            }
+            MeshMsg::ClusterForward { msg, nodes, shared } => {
+                let wire = to_wire(&msg);
+                for (p, link) in self.up_links() {
+                    let normal = nodes & (1u64 << p) != 0;
+                    let keys: Vec<String> = shared
+                        .iter()
+                        .filter(|(_, n)| *n as usize == p)
+                        .map(|(k, _)| k.to_string())
+                        .collect();
+                    if !normal && keys.is_empty() {
+                        continue;
+                    }
+                    let backlog = self.links[link].as_ref().map(|l| l.out_bytes).unwrap_or(0);
+                    if msg.qos == QoS::AtMostOnce && backlog > LINK_QOS0_DROP_BYTES {
+                        Metrics::add(&self.metrics.metrics.messages_dropped, 1);
+                        continue;
+                    }
+                    encode_publish_head(&wire, normal, &keys, &mut self.scratch);
+                    let head = self.scratch.split().freeze();
+                    if let Some(l) = self.links[link].as_mut() {
+                        l.out_bytes += head.len() + wire.payload.len();
+                        l.out.push_back(head);
+                        l.out.push_back(wire.payload.clone());
+                    }
+                }
+            }
+            MeshMsg::ClusterRetain { msg } => {
+                self.store_retained(&msg);
+                let frame = Frame::Retain { msg: to_wire(&msg) };
+                for (_, link) in self.up_links() {
+                    self.send(link, &frame);
+                }
+            }
+            MeshMsg::ClusterTakeover {
+                client_id,
+                want_session,
+                token,
+                shard,
+            } => {
+                let ups = self.up_links();
+                if want_session {
+                    self.pending.insert(
+                        token,
+                        PendingTakeover {
+                            shard,
+                            client_id: client_id.clone(),
+                            waiting: ups.iter().map(|(p, _)| *p as u8).collect(),
+                            found: None,
+                            deadline: Instant::now() + SESSION_WAIT,
+                        },
+                    );
+                }
+                let frame = Frame::Takeover {
+                    client_id: client_id.to_string(),
+                    want_session,
+                    token,
+                };
+                for (_, link) in &ups {
+                    self.send(*link, &frame);
+                }
+                if want_session && ups.is_empty() {
+                    self.finish_takeover(token);
+                }
+            }
+            MeshMsg::ClusterSessionExport(e) => {
+                let Some(link) = self.peers.get(e.node as usize).and_then(|p| p.link) else {
+                    return;
+                };
+                let frame = Frame::SessionTransfer {
+                    token: e.token,
+                    client_id: e.client_id.to_string(),
+                    found: e.found,
+                    subscriptions: e
+                        .subscriptions
+                        .iter()
+                        .map(|(f, o, id)| WireSubscription {
+                            filter: f.to_string(),
+                            options: *o,
+                            id: *id,
+                        })
+                        .collect(),
+                    messages: e.messages.iter().map(|m| to_wire(m)).collect(),
+                };
+                self.send(link, &frame);
+            }
+            _ => log::debug!("cluster: unexpected mesh message"),
+        }
+    }
+
+    fn store_retained(&mut self, msg: &Arc<Message>) {
+        if msg.payload.is_empty() {
+            self.retained.remove(&*msg.topic);
+        } else {
+            self.retained.insert(msg.topic.to_string(), msg.clone());
+        }
+    }
+
+    fn takeover_answer(&mut self, token: u64, node: u8, export: Option<Box<SessionExport>>) {
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
+        p.waiting.remove(&node);
+        if p.found.is_none() {
+            p.found = export;
+        }
+        if p.waiting.is_empty() {
+            self.finish_takeover(token);
+        }
+    }
+
+    fn finish_takeover(&mut self, token: u64) {
+        let Some(p) = self.pending.remove(&token) else {
+            // No peers at all: answer "nothing found" straight away.
+            return;
+        };
+        let export = p.found.unwrap_or_else(|| {
+            Box::new(SessionExport {
+                token,
+                node: 0,
+                client_id: p.client_id.clone(),
+                found: false,
+                subscriptions: Vec::new(),
+                messages: Vec::new(),
+            })
+        });
+        self.mesh
+            .send(p.shard as usize, MeshMsg::SessionImport(export));
+    }
+
+    // ------------------------------------------------------------------ timers, membership
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in expired {
+            self.finish_takeover(t);
+        }
+        // Links that never finished the handshake, or went silent.
+        let down_after = Duration::from_millis(self.cfg.down_after_ms);
+        for i in 0..self.links.len() {
+            let stale = match &self.links[i] {
+                Some(l) if !l.authed => l.started.elapsed() > HANDSHAKE_TIMEOUT,
+                Some(l) => l.last_rx.elapsed() > down_after,
+                None => false,
+            };
+            if stale {
+                self.close_link(i, "no heartbeat");
+            }
+        }
+        if self.last_heartbeat.elapsed() >= Duration::from_millis(self.cfg.heartbeat_ms) {
+            self.last_heartbeat = now;
+            for (_, link) in self.up_links() {
+                self.send_heartbeat(link);
+            }
+            self.redial();
+        }
+    }
+
+    fn send_heartbeat(&mut self, link: usize) {
+        let frame = Frame::Heartbeat {
+            uptime_s: self.started.elapsed().as_secs(),
+            connections: self.metrics.metrics.connections.load(Ordering::Relaxed) as u64,
+            routes: self.local_routes.len() as u64,
+        };
+        self.send(link, &frame);
+    }
+
+    fn redial(&mut self) {
+        if self.listener.is_none() {
+            return;
+        }
+        let retry = Duration::from_millis(self.cfg.heartbeat_ms.max(500));
+        for p in 0..self.peers.len() {
+            let peer = &self.peers[p];
+            let dialing =
+                self.links.iter().flatten().any(|l| {
+                    l.peer_name.as_deref() == Some(&peer.name) || l.peer_addr == peer.addr
+                });
+            if peer.state != PeerState::Down
+                || dialing
+                || peer.last_dial.is_some_and(|t| t.elapsed() < retry)
+            {
+                continue;
+            }
+            self.peers[p].last_dial = Some(Instant::now());
+            let addr = self.peers[p].addr.clone();
+            if let Err(e) = self.dial(&addr) {
+                log::debug!("cluster: dialling {addr}: {e}");
+            }
+        }
+    }
+
+    fn dial(&mut self, addr: &str) -> std::io::Result<usize> {
+        let sock = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{addr} does not resolve")))?;
+        let stream = TcpStream::connect_timeout(&sock, Duration::from_millis(500))?;
+        Ok(self.add_link(stream, addr.to_string()))
+    }
+
+    /// Connects to `target` (`name@host[:port]` or `host:port`).
+    fn join(&mut self, target: &str) -> Result<String, String> {
+        if self.listener.is_none() {
+            return Err("this node has no cluster listener (cluster.bind is empty)".into());
+        }
+        let addr = if target.contains('@') {
+            node_addr(target).ok_or_else(|| format!("{target:?} is not name@host[:port]"))?
+        } else {
+            target.to_string()
+        };
+        self.dial(&addr)
+            .map_err(|e| format!("cannot reach {target} at {addr}: {e}"))?;
+        Ok(format!("{{\"joining\":\"{target}\",\"addr\":\"{addr}\"}}"))
+    }
+
+    fn leave(&mut self) -> String {
+        for (_, link) in self.up_links() {
+            self.send(link, &Frame::Leave);
+        }
+        self.flush_links();
+        for p in 0..self.peers.len() {
+            if self.peers[p].state == PeerState::Up {
+                self.peer_down(p);
+            }
+            self.peers[p].state = PeerState::Gone;
+            self.peers[p].link = None;
+        }
+        for i in 0..self.links.len() {
+            if let Some(l) = self.links[i].take() {
+                let _ = l.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        self.peers.clear();
+        self.save_members();
+        "{\"left\":true}".into()
+    }
+
+    fn status(&self) -> String {
+        let mut nodes = vec![format!(
+            "{{\"node\":\"{}\",\"status\":\"running\",\"self\":true,\"addr\":\"{}\",\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
+            self.node,
+            self.advertised,
+            self.started.elapsed().as_secs(),
+            self.metrics.metrics.connections.load(Ordering::Relaxed),
+            self.local_routes.len()
+        )];
+        for p in self.peers.iter().filter(|p| p.state != PeerState::Gone) {
+            let status = if p.state == PeerState::Up {
+                "running"
+            } else {
+                "down"
+            };
+            nodes.push(format!(
+                "{{\"node\":\"{}\",\"status\":\"{status}\",\"self\":false,\"addr\":\"{}\",\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
+                p.name,
+                p.addr,
+                p.uptime_s,
+                p.connections,
+                p.routes.len()
+            ));
+        }
+        format!("{{\"nodes\":[{}]}}", nodes.join(","))
+    }
+
+    fn on_control(&mut self) {
+        let cmds: Vec<ControlCmd> = match self.control.queue.lock() {
+            Ok(mut q) => q.drain(..).collect(),
+            Err(_) => return,
+        };
+        for cmd in cmds {
+            match cmd {
+                ControlCmd::Join(target, reply) => {
+                    let _ = reply.send(self.join(&target));
+                }
+                ControlCmd::Leave(reply) => {
+                    let _ = reply.send(Ok(self.leave()));
+                }
+                ControlCmd::Status(reply) => {
+                    let _ = reply.send(Ok(self.status()));
+                }
+            }
+        }
+    }
+
+    fn load_members(&mut self) {
+        let Ok(text) = std::fs::read_to_string(self.members_file()) else {
+            return;
+        };
+        for line in text.lines() {
+            if let Some((name, addr)) = line.split_once(' ') {
+                if name != self.node {
+                    self.peer_entry(name, addr);
+                }
+            }
+        }
+    }
+
+    fn save_members(&self) {
+        let text: String = self
+            .peers
+            .iter()
+            .filter(|p| p.state != PeerState::Gone)
+            .map(|p| format!("{} {}\n", p.name, p.addr))
+            .collect();
+        if let Err(e) = std::fs::write(self.members_file(), text) {
+            log::warn!(
+                "cluster: cannot save members to {:?}: {e}",
+                self.members_file()
+            );
+        }
+    }
+}
+
+/// Converts a message for the wire (properties re-encoded, expiry as time left).
+pub fn to_wire(m: &Message) -> WireMessage {
+    let mut props = BytesMut::new();
+    if let Some(p) = &m.properties {
+        encode_message_properties(p, &mut props);
+    }
+    WireMessage {
+        topic: m.topic.to_string(),
+        payload: m.payload.clone(),
+        qos: m.qos as u8,
+        retain: m.retain,
+        publisher: m.publisher.to_string(),
+        properties: props.freeze(),
+        expiry_ms: m
+            .expires_at
+            .map(|t| {
+                t.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .max(1) as u64
+            })
+            .unwrap_or(0),
+    }
+}
+
+/// Rebuilds a message from the wire; `None` (logged) if its properties do not decode.
+pub fn from_wire(w: WireMessage) -> Option<Arc<Message>> {
+    let properties = if w.properties.is_empty() {
+        None
+    } else {
+        match decode_message_properties(&w.properties) {
+            Ok(p) => Some(Box::new(p)),
+            Err(e) => {
+                log::warn!("cluster: dropping forwarded message with bad properties: {e}");
+                return None;
+            }
+        }
+    };
+    Some(Arc::new(Message {
+        topic: w.topic.into(),
+        payload: w.payload,
+        qos: QoS::from_u8(w.qos)?,
+        retain: w.retain,
+        properties,
+        publisher: w.publisher.into(),
+        expires_at: (w.expiry_ms > 0).then(|| Instant::now() + Duration::from_millis(w.expiry_ms)),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_map_to_cluster_addresses() {
+        assert_eq!(node_addr("n1@127.0.0.1").as_deref(), Some("127.0.0.1:4370"));
+        assert_eq!(
+            node_addr("n2@127.0.0.1:4371").as_deref(),
+            Some("127.0.0.1:4371")
+        );
+        assert_eq!(node_addr("n1@"), None);
+        assert_eq!(node_addr("n1"), None);
+    }
+
+    #[test]
+    fn messages_survive_the_wire() {
+        let m = Message {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Some(Box::new(shardmq_net::Properties {
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            })),
+            publisher: "p".into(),
+            expires_at: None,
+        };
+        let back = from_wire(to_wire(&m)).unwrap();
+        assert_eq!(back.topic, m.topic);
+        assert_eq!(back.properties, m.properties);
+        assert_eq!((back.qos, back.retain), (m.qos, m.retain));
+    }
+}
