@@ -48,6 +48,8 @@ pub struct Conn {
     pub deadline_ms: u64,
     /// Keep-alive window in ms (1.5 x the negotiated keep-alive), 0 = none.
     pub keepalive_ms: u64,
+    /// When this connection's timer token fires next (u64::MAX = none in the wheel).
+    pub timer_ms: u64,
     /// Will message to publish if the connection ends without DISCONNECT.
     pub will: Option<Box<Will>>,
     /// Largest packet the client accepts (v5 Maximum Packet Size), bytes.
@@ -89,6 +91,7 @@ impl Conn {
             recv_needs_arm: false,
             deadline_ms,
             keepalive_ms: 0,
+            timer_ms: u64::MAX,
             will: None,
             max_packet_out: u32::MAX,
             receive_max: u16::MAX,

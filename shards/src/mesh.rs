@@ -145,6 +145,8 @@ pub struct Handoff {
     pub connect: Box<Connect>,
     /// Bytes received after the CONNECT packet, decoded by the new owner.
     pub leftover: Vec<u8>,
+    /// The client id was assigned by the broker (sent back in a v5 CONNACK).
+    pub assigned: bool,
 }
 
 /// Wakes a shard sleeping in its ring.

@@ -328,6 +328,7 @@ impl Shard {
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
         let mut conn = Conn::new(fd, deadline);
         conn.over_quota = live >= max;
+        conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);
         let raw = self
             .conns
@@ -556,6 +557,7 @@ impl Shard {
                 fd: conn.fd,
                 connect,
                 leftover: leftover.to_vec(),
+                assigned,
             };
             self.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
             return Flow::Stop;
@@ -569,11 +571,14 @@ impl Shard {
             fd,
             connect,
             leftover,
+            assigned,
         } = h;
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let (slot, gen) = self.conns.insert(Conn::new(fd, deadline));
+        let mut conn = Conn::new(fd, deadline);
+        conn.timer_ms = deadline;
+        let (slot, gen) = self.conns.insert(conn);
         self.timers.schedule(deadline, conn_token(slot, gen));
-        self.attach(slot, gen, connect, false);
+        self.attach(slot, gen, connect, assigned);
         if let Some(conn) = self.conns.get_mut(slot, gen) {
             let fd = conn.raw_fd();
             self.ring.recv_multi(fd, slot, gen);
@@ -851,6 +856,16 @@ impl Shard {
             self.now_ms + conn.keepalive_ms
         } else {
             u64::MAX
+        };
+        // The wheel holds the connect-timeout token; bring it forward to the keep-alive
+        // deadline when that is sooner (MQTT-3.1.2-24: 1.5 x keep-alive).
+        if conn.deadline_ms < conn.timer_ms {
+            conn.timer_ms = conn.deadline_ms;
+            self.timers
+                .schedule(conn.deadline_ms, conn_token(slot, gen));
+        }
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
         };
         if v5 {
             conn.receive_max = properties.receive_maximum.unwrap_or(u16::MAX).max(1);
@@ -2253,12 +2268,18 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;
         };
+        if conn.timer_ms <= now {
+            conn.timer_ms = u64::MAX;
+        }
         if conn.deadline_ms == u64::MAX {
             return;
         }
         if conn.deadline_ms > now {
             let at = conn.deadline_ms;
-            self.timers.schedule(at, token);
+            if at < conn.timer_ms {
+                conn.timer_ms = at;
+                self.timers.schedule(at, token);
+            }
             return;
         }
         let reason = match conn.state {
