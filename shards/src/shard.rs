@@ -523,6 +523,16 @@ impl Shard {
             this.close(slot, Close::Error(reason));
             Flow::Stop
         };
+        if self.conns.get_mut(slot, gen).is_none_or(|c| c.over_quota) {
+            // Over listeners.tcp.default.max_connections: refused with the spec's code.
+            Metrics::add(&self.shared.metrics.refused, 1);
+            let reason = if protocol == Protocol::V5 {
+                ReasonCode::QuotaExceeded
+            } else {
+                ReasonCode::ServerUnavailable
+            };
+            return reject(self, reason);
+        }
         let mut assigned = false;
         if connect.client_id.is_empty() {
             // MQTT-3.1.3-7/8: an empty id needs clean session in 3.1.1; 3.1 requires an id.
@@ -774,30 +784,6 @@ impl Shard {
         } = *connect;
         let client_id: Arc<str> = client_id.into();
         let v5 = protocol == Protocol::V5;
-        if self
-            .conns
-            .get_mut(slot, gen)
-            .map(|c| c.over_quota)
-            .unwrap_or(true)
-        {
-            // Over listeners.tcp.default.max_connections: refused with the spec's code.
-            let reason = if v5 {
-                ReasonCode::QuotaExceeded
-            } else {
-                ReasonCode::ServerUnavailable
-            };
-            self.send_packet(
-                slot,
-                protocol,
-                &Packet::ConnAck(ConnAck {
-                    reason,
-                    ..Default::default()
-                }),
-            );
-            Metrics::add(&self.shared.metrics.refused, 1);
-            self.close(slot, Close::Error(reason));
-            return;
-        }
         let expiry_s = match protocol {
             Protocol::V5 => properties
                 .session_expiry_interval

@@ -128,7 +128,7 @@ def wait_ready(broker: Broker, timeout: float = STARTUP_TIMEOUT_S) -> None:
     )
 
 
-def start_shardmq(workdir: Path, shards: int = 2) -> Broker:
+def start_shardmq(workdir: Path, shards: int = 2, extra: dict[str, str] | None = None) -> Broker:
     binary = shardmq_binary()
     if not binary.is_file():
         raise RuntimeError(
@@ -151,6 +151,7 @@ def start_shardmq(workdir: Path, shards: int = 2) -> Broker:
         overrides["SHARDMQ_MANAGEMENT__BIND"] = f"127.0.0.1:{free_port()}"
     if re.search(r"(?m)^\[cluster\]", embedded_config(binary)):
         overrides["SHARDMQ_CLUSTER__BIND"] = f"127.0.0.1:{free_port()}"
+    overrides.update(extra or {})
     env = broker_env(overrides)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
