@@ -38,7 +38,7 @@ fn config_file_sets_keys_and_env_overrides_it() {
         format!("[listeners.tcp.default]\nbind = \"127.0.0.1:{port}\"\n[node]\nshards = 1\n[cluster]\nbind = \"\"\n[management]\nbind = \"\"\n"),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+    let child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
         .args(["start", "-c", file.to_str().unwrap()])
         .env("SHARDMQ_NODE__SHARDS", "2")
         .env("SHARDMQ_NODE__DATA_DIR", dir.join("data"))
