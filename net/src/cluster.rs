@@ -82,6 +82,8 @@ pub enum Frame {
         client_id: String,
         want_session: bool,
         token: u64,
+        /// When the new connection arrived (Unix ms): only older connections yield to it.
+        at_ms: u64,
     },
     /// Answer to a takeover: the session, if one existed here (then it is gone here).
     SessionTransfer {
@@ -216,10 +218,12 @@ impl Frame {
                 client_id,
                 want_session,
                 token,
+                at_ms,
             } => {
                 put_str(out, client_id);
                 out.put_u8(*want_session as u8);
                 out.put_u64(*token);
+                out.put_u64(*at_ms);
             }
             Frame::SessionTransfer {
                 token,
@@ -380,6 +384,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             client_id: c.string()?,
             want_session: c.u8()? != 0,
             token: c.u64()?,
+            at_ms: c.u64()?,
         },
         12 => {
             let token = c.u64()?;
@@ -544,6 +549,7 @@ mod tests {
                 client_id: "c".into(),
                 want_session: true,
                 token: 4,
+                at_ms: 9,
             },
             Frame::SessionTransfer {
                 token: 4,

@@ -763,6 +763,7 @@ impl Cluster {
                 client_id,
                 want_session,
                 token,
+                at_ms,
             } => {
                 let shard = home_shard(&client_id, self.mesh.shards());
                 self.mesh.send(
@@ -772,6 +773,7 @@ impl Cluster {
                         want_session,
                         token,
                         node,
+                        at_ms,
                     },
                 );
             }
@@ -891,6 +893,7 @@ impl Cluster {
                 want_session,
                 token,
                 shard,
+                at_ms,
             } => {
                 let ups = self.up_links();
                 if want_session {
@@ -909,6 +912,7 @@ impl Cluster {
                     client_id: client_id.to_string(),
                     want_session,
                     token,
+                    at_ms,
                 };
                 for (_, link) in &ups {
                     self.send(*link, &frame);

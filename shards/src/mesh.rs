@@ -96,6 +96,8 @@ pub enum MeshMsg {
         want_session: bool,
         token: u64,
         shard: u16,
+        /// When the new connection arrived (Unix ms).
+        at_ms: u64,
     },
     /// Shard → cluster: the answer to a remote takeover.
     ClusterSessionExport(Box<SessionExport>),
@@ -121,6 +123,8 @@ pub enum MeshMsg {
         want_session: bool,
         token: u64,
         node: u8,
+        /// When the connection that takes over arrived (Unix ms); newer local ones stay.
+        at_ms: u64,
     },
     /// Cluster → the shard holding a CONNECT: what other nodes had for this client.
     SessionImport(Box<SessionExport>),

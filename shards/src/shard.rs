@@ -76,6 +76,8 @@ struct SessionEntry {
     conn: Option<u32>,
     /// While online: the expiry interval in ms; while offline: the absolute expiry time.
     expires_at_ms: u64,
+    /// When the current connection arrived (Unix ms), to settle racing takeovers.
+    connected_at_ms: u64,
     /// A v5 will waiting for its delay (or the session's end) to pass.
     pending_will: Option<Box<(Will, Protocol, u64)>>,
 }
@@ -614,6 +616,7 @@ impl Shard {
                 want_session,
                 token,
                 shard: self.id as u16,
+                at_ms: unix_ms(),
             };
             self.mesh.send(cluster, msg);
             if want_session {
@@ -698,6 +701,7 @@ impl Shard {
         want_session: bool,
         token: u64,
         node: u8,
+        at_ms: u64,
     ) {
         let mut export = SessionExport {
             token,
@@ -707,7 +711,16 @@ impl Shard {
             subscriptions: Vec::new(),
             messages: Vec::new(),
         };
-        if let Some(sidx) = self.by_client.get(&client_id).copied() {
+        let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
+            self.session(s).conn.is_some() && self.session(s).connected_at_ms > at_ms
+        });
+        if newer_here {
+            // Two nodes took the same id at nearly the same time: the newest connection wins.
+            log::info!(
+                "shard {}: ignoring an older takeover of {client_id:?}",
+                self.id
+            );
+        } else if let Some(sidx) = self.by_client.get(&client_id).copied() {
             log::info!(
                 "shard {}: client {client_id:?} taken over by another node",
                 self.id
@@ -824,6 +837,7 @@ impl Shard {
             // A session resumed before its will delay ran out keeps its will unsent
             // (MQTT-3.1.3-9).
             entry.pending_will = None;
+            entry.connected_at_ms = unix_ms();
         }
         let keep_alive = if v5 && server_keepalive > 0 {
             server_keepalive
@@ -898,6 +912,7 @@ impl Shard {
             session: Session::new(client_id.clone(), ephemeral),
             conn: None,
             expires_at_ms: 0,
+            connected_at_ms: 0,
             pending_will: None,
         };
         let idx = match self.free_sessions.pop() {
@@ -2144,7 +2159,8 @@ impl Shard {
                 want_session,
                 token,
                 node,
-            } => self.on_remote_takeover(client_id, want_session, token, node),
+                at_ms,
+            } => self.on_remote_takeover(client_id, want_session, token, node, at_ms),
             MeshMsg::SessionImport(e) => self.on_session_import(*e),
             MeshMsg::ClusterRoute { .. }
             | MeshMsg::ClusterForward { .. }
@@ -2523,6 +2539,13 @@ fn options_from_byte(b: u8) -> SubscriptionOptions {
             _ => RetainHandling::SendAtSubscribe,
         },
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn conn_token(slot: u32, gen: u32) -> u64 {
