@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Head-to-head benchmark: the same load against shardmq and mosquitto, in one invocation.
+
+Each broker runs pinned to the same core (taskset), the load generator (shardmq-bench) on the
+others. Every scenario prints one table row per broker plus the ratio shardmq / other, and the
+table is appended to docs/benchmarks.md with the date, commit and exact commands.
+
+    python3 benches/harness.py                 # all scenarios
+    python3 benches/harness.py pairs conn      # some of them
+    python3 benches/harness.py --quick         # short runs (smoke test)
+
+Needs: cargo (builds shardmq and shardmq-bench in release), mosquitto (apt) for the reference.
+rumqttd is not run yet (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKER_CORE = "0"
+GEN_CORES = "1" if os.cpu_count() == 2 else f"1-{os.cpu_count() - 1}"
+GEN_THREADS = max(1, (os.cpu_count() or 2) - 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"broker not listening on {port}")
+
+
+class Broker:
+    def __init__(self, kind: str, work: Path):
+        self.kind = kind
+        self.port = free_port()
+        self.work = work
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Broker":
+        if self.kind == "shardmq":
+            env = dict(os.environ)
+            env.update(
+                {
+                    "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{self.port}",
+                    "SHARDMQ_NODE__SHARDS": "1",
+                    "SHARDMQ_NODE__DATA_DIR": str(self.work / "data"),
+                    "SHARDMQ_MANAGEMENT__BIND": "",
+                    "SHARDMQ_CLUSTER__BIND": "",
+                    "SHARDMQ_MQTT__MAX_QUEUED_MESSAGES": "100000",
+                    "SHARDMQ_MQTT__MAX_INFLIGHT": "1024",
+                }
+            )
+            cmd = ["taskset", "-c", BROKER_CORE, str(ROOT / "target/release/shardmq"), "start"]
+        else:
+            conf = self.work / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
+                "max_inflight_messages 1024\nlog_type error\n"
+            )
+            exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+            cmd = ["taskset", "-c", BROKER_CORE, exe, "-c", str(conf)]
+            env = dict(os.environ)
+        self.cmd = " ".join(cmd)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def bench(port: int, args: list[str], timeout: float) -> dict:
+    out = Path(tempfile.mktemp(suffix=".json"))
+    cmd = ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
+           "-p", str(port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)]
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    out.unlink(missing_ok=True)
+    data["cmd"] = "shardmq-bench " + " ".join(a for a in args)
+    return data
+
+
+def scenarios(quick: bool):
+    """name -> (generator args without rate, overload rate)."""
+    d = "3" if quick else "5"
+    out = {}
+    for q in ("0", "1"):
+        for size in ("16", "1024"):
+            common = ["-q", q, "-s", size, "--duration", d, "-i", "0"]
+            out[f"pairs-q{q}-{size}B"] = (["pubsub", "--scenario", "pairs", "--pubs", "50", *common], 2_000_000)
+            out[f"fanin-q{q}-{size}B"] = (["pubsub", "--scenario", "fanin", "--pubs", "1000", *common], 2_000_000)
+            # Fan-out multiplies each publish by 1000 deliveries.
+            out[f"fanout-q{q}-{size}B"] = (["pubsub", "--scenario", "fanout", "--subs", "1000", "--pubs", "1", *common], 2_000)
+    return out
+
+
+def run_load(name: str, args: list[str], overload: int) -> list[dict]:
+    """Maximum throughput of each broker (open loop above capacity), then latency of both at
+    half of mosquitto's maximum rate."""
+    rows = {}
+    for phase in ("max", "half"):
+        for kind in ("shardmq", "mosquitto"):
+            if phase == "max":
+                rate = overload
+            else:
+                mosq = rows[("max", "mosquitto")]
+                fan = 1000 if "fanout" in name else 1
+                rate = max(1, int(mosq.get("recv_rate", 0) / fan / 2))
+            with tempfile.TemporaryDirectory() as tmp:
+                b = Broker(kind, Path(tmp)).start()
+                try:
+                    r = bench(b.port, [*args, "--rate", str(rate)], timeout=120)
+                    r["rss_mib"] = rss_kib(b.proc.pid) / 1024
+                finally:
+                    b.stop()
+            r.update({"broker": kind, "scenario": f"{name} {phase}", "broker_cmd": b.cmd, "rate": rate})
+            rows[(phase, kind)] = r
+    return list(rows.values())
+
+
+def run_conn(n: int) -> list[dict]:
+    """Connect rate, and RSS per idle connection with every client connected."""
+    rows = []
+    for kind in ("shardmq", "mosquitto"):
+        with tempfile.TemporaryDirectory() as tmp:
+            b = Broker(kind, Path(tmp)).start()
+            base = rss_kib(b.proc.pid)
+            out = Path(tmp) / "conn.json"
+            args = ["conn", "-c", str(n), "-i", "0", "-k", "300", "--duration", "12"]
+            hold = subprocess.Popen(
+                ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
+                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            last, stable = -1, 0
+            deadline = time.time() + 11
+            while time.time() < deadline and stable < 2:
+                time.sleep(0.5)
+                now = rss_kib(b.proc.pid)
+                stable = stable + 1 if now == last else 0
+                last = now
+            hold.wait(60)
+            r = json.loads(out.read_text()) if out.exists() else {}
+            r["cmd"] = "shardmq-bench " + " ".join(args)
+            r["rss_per_conn_b"] = round((last - base) * 1024 / n)
+            r["rss_mib"] = last / 1024
+            b.stop()
+            r.update({"broker": kind, "scenario": f"conn-{n}", "broker_cmd": b.cmd})
+            rows.append(r)
+    return rows
+
+
+def fmt(rows: list[dict]) -> list[str]:
+    lines = []
+    by = {}
+    for r in rows:
+        by.setdefault(r["scenario"], {})[r["broker"]] = r
+    for scen, pair in by.items():
+        s, m = pair.get("shardmq", {}), pair.get("mosquitto", {})
+        for kind, r in (("shardmq", s), ("mosquitto", m)):
+            lat = r.get("latency_us", {})
+            extra = ""
+            if "rss_per_conn_b" in r:
+                extra = f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn"
+            lines.append(
+                f"| {scen} | {kind} | {r.get('recv_rate', 0):.0f} | {lat.get('p50', 0)} | {lat.get('p99', 0)} | "
+                f"{r.get('rss_mib', 0):.1f} | {extra} |"
+            )
+        if s and m:
+            if "rss_per_conn_b" in s:
+                ratio = (f"connect rate x{s['connect_rate'] / max(m['connect_rate'], 1):.2f}, "
+                         f"memory/conn x{s['rss_per_conn_b'] / max(m['rss_per_conn_b'], 1):.2f}")
+            elif scen.endswith(" half"):
+                ratio = (f"at {s.get('rate')} msg/s: p99 x{s.get('latency_us', {}).get('p99', 0) / max(m.get('latency_us', {}).get('p99', 0), 1):.2f}")
+            else:
+                ratio = f"throughput x{s.get('recv_rate', 0) / max(m.get('recv_rate', 0), 1):.2f}"
+            lines.append(f"| {scen} | **shardmq / mosquitto** | {ratio} | | | | |")
+    return lines
+
+
+def main() -> int:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--")]
+    quick = "--quick" in sys.argv
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "shardmq", "-p", "shardmq-bench"], cwd=ROOT, check=True)
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        print("mosquitto not installed (apt-get install mosquitto): no reference to compare with", file=sys.stderr)
+        return 1
+    rows = []
+    loads = scenarios(quick)
+    wanted = argv or ["pairs", "fanin", "fanout", "conn"]
+    for name, (args, overload) in loads.items():
+        if any(name.startswith(w) for w in wanted):
+            print(f"running {name}", file=sys.stderr)
+            rows += run_load(name, args, overload)
+    if "conn" in wanted:
+        print("running conn", file=sys.stderr)
+        rows += run_conn(2000 if quick else 15000)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    header = [
+        "",
+        f"## Run of {datetime.date.today()} at commit {commit}" + (" (quick)" if quick else ""),
+        "",
+        f"Command: `python3 benches/harness.py {' '.join(sys.argv[1:])}`. Brokers pinned with "
+        f"`taskset -c {BROKER_CORE}` (shardmq with `node.shards=1`), generator on cores {GEN_CORES}.",
+        "",
+        "`max` rows: open-loop load above capacity, msgs/s = what the subscribers received. `half` rows: both brokers at "
+        "half of mosquitto's maximum, for latency.",
+        "",
+        "| scenario | broker | msgs/s received | p50 µs | p99 µs | RSS MiB | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table = header + fmt(rows)
+    cmds = sorted({r["cmd"] for r in rows})
+    table += ["", "Load commands (each also given `-p PORT --threads N --quiet --json FILE`):", ""]
+    table += [f"- `{c}`" for c in cmds]
+    print("\n".join(table))
+    with open(ROOT / "docs/benchmarks.md", "a") as f:
+        f.write("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
