@@ -182,6 +182,37 @@ def run_conn(n: int) -> list[dict]:
     return rows
 
 
+def run_subs(total: int) -> list[dict]:
+    """Memory per subscription: `total` distinct filters (10% with a wildcard) from 100 clients."""
+    rows = []
+    clients = 100
+    per = total // clients
+    for kind in ("shardmq", "mosquitto"):
+        with tempfile.TemporaryDirectory() as tmp:
+            b = Broker(kind, Path(tmp)).start()
+            base = rss_kib(b.proc.pid)
+            args = ["sub", "-c", str(clients), "-i", "0", "-t", "fleet/%i/%k", "--subs-per-client", str(per),
+                    "--duration", "60"]
+            hold = subprocess.Popen(
+                ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
+                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            last, stable = -1, 0
+            deadline = time.time() + 55
+            while time.time() < deadline and stable < 3:
+                time.sleep(1)
+                now = rss_kib(b.proc.pid)
+                stable = stable + 1 if now == last else 0
+                last = now
+            hold.terminate()
+            hold.wait(30)
+            b.stop()
+            rows.append({"broker": kind, "scenario": f"subs-{total}", "broker_cmd": b.cmd,
+                         "cmd": "shardmq-bench " + " ".join(args), "rss_mib": last / 1024,
+                         "rss_per_sub_b": round((last - base) * 1024 / total)})
+    return rows
+
+
 def fmt(rows: list[dict]) -> list[str]:
     lines = []
     by = {}
@@ -192,6 +223,8 @@ def fmt(rows: list[dict]) -> list[str]:
         for kind, r in (("shardmq", s), ("mosquitto", m)):
             lat = r.get("latency_us", {})
             extra = ""
+            if "rss_per_sub_b" in r:
+                extra = f"{r['rss_per_sub_b']} B/subscription"
             if "rss_per_conn_b" in r:
                 extra = f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn"
             lines.append(
@@ -199,7 +232,9 @@ def fmt(rows: list[dict]) -> list[str]:
                 f"{r.get('rss_mib', 0):.1f} | {extra} |"
             )
         if s and m:
-            if "rss_per_conn_b" in s:
+            if "rss_per_sub_b" in s:
+                ratio = f"memory/subscription x{s['rss_per_sub_b'] / max(m['rss_per_sub_b'], 1):.2f}"
+            elif "rss_per_conn_b" in s:
                 ratio = (f"connect rate x{s['connect_rate'] / max(m['connect_rate'], 1):.2f}, "
                          f"memory/conn x{s['rss_per_conn_b'] / max(m['rss_per_conn_b'], 1):.2f}")
             elif scen.endswith(" half"):
@@ -219,7 +254,7 @@ def main() -> int:
         return 1
     rows = []
     loads = scenarios(quick)
-    wanted = argv or ["pairs", "fanin", "fanout", "conn"]
+    wanted = argv or ["pairs", "fanin", "fanout", "conn", "subs"]
     for name, (args, overload) in loads.items():
         if any(name.startswith(w) for w in wanted):
             print(f"running {name}", file=sys.stderr)
@@ -227,6 +262,10 @@ def main() -> int:
     if "conn" in wanted:
         print("running conn", file=sys.stderr)
         rows += run_conn(2000 if quick else 15000)
+    if "subs" in wanted:
+        for total in ([10_000] if quick else [100_000, 1_000_000]):
+            print(f"running subs-{total}", file=sys.stderr)
+            rows += run_subs(total)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     header = [
         "",

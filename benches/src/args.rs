@@ -61,6 +61,8 @@ pub struct Args {
     pub subs: usize,
     pub pubs: usize,
     pub quiet: bool,
+    /// sub: filters each client subscribes (`%k` = 0..N in the topic; every 10th gets a `+`).
+    pub subs_per_client: usize,
 }
 
 pub const USAGE: &str = "shardmq-bench: MQTT load generator (emqtt-bench compatible flags)
@@ -90,6 +92,7 @@ usage: shardmq-bench conn|sub|pub|pubsub [options]
   --threads N     event-loop threads (default: all cores)
   --inflight N    unacknowledged QoS 1/2 messages per client (32)
   --quiet         no per-second progress line
+  --subs-per-client N  sub: N filters per client (%k in -t = 0..N-1; every 10th has a + level)
 pubsub: --scenario fanin|fanout|pairs --subs N --pubs N (plus -t -q -s -I --rate ...)";
 
 fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String, String> {
@@ -143,6 +146,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
         subs: 1,
         pubs: 1,
         quiet: false,
+        subs_per_client: 1,
     };
     let mut it = argv[1..].iter();
     while let Some(flag) = it.next() {
@@ -189,6 +193,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
             "--subs" => a.subs = num(value(&mut it, f)?, f)?,
             "--pubs" => a.pubs = num(value(&mut it, f)?, f)?,
             "--quiet" => a.quiet = true,
+            "--subs-per-client" => a.subs_per_client = num::<usize>(value(&mut it, f)?, f)?.max(1),
             "--scenario" => {
                 a.scenario = match value(&mut it, f)?.as_str() {
                     "fanin" => Scenario::FanIn,

@@ -627,20 +627,40 @@ fn on_packet(
             c.state = State::Ready;
             if let Role::Sub(filter) = &c.spec.role {
                 let mut rng = c.spec.seq as u64 + 1;
-                let filter = expand_topic(filter, c.spec.seq, &c.spec.id, &mut rng);
-                let sub = Subscribe {
-                    packet_id: 1,
-                    filters: vec![(
-                        filter,
-                        SubscriptionOptions {
-                            qos: qos(a.qos),
-                            ..Default::default()
-                        },
-                    )],
-                    properties: Properties::default(),
+                let base = expand_topic(filter, c.spec.seq, &c.spec.id, &mut rng);
+                let options = SubscriptionOptions {
+                    qos: qos(a.qos),
+                    ..Default::default()
                 };
-                encode(&Packet::Subscribe(sub), proto, scratch);
-                c.out.extend_from_slice(&scratch.split());
+                let filters: Vec<String> = if a.subs_per_client <= 1 {
+                    vec![base]
+                } else {
+                    let base = if base.contains("%k") {
+                        base
+                    } else {
+                        format!("{base}/%k")
+                    };
+                    (0..a.subs_per_client)
+                        .map(|k| {
+                            // Every 10th filter carries a wildcard level, as real fleets do.
+                            let level = if k % 10 == 9 {
+                                format!("+/{k}")
+                            } else {
+                                k.to_string()
+                            };
+                            base.replace("%k", &level)
+                        })
+                        .collect()
+                };
+                for (n, chunk) in filters.chunks(100).enumerate() {
+                    let sub = Subscribe {
+                        packet_id: n as u16 + 1,
+                        filters: chunk.iter().map(|f| (f.clone(), options)).collect(),
+                        properties: Properties::default(),
+                    };
+                    encode(&Packet::Subscribe(sub), proto, scratch);
+                    c.out.extend_from_slice(&scratch.split());
+                }
             }
         }
         Packet::SubAck(_) => {

@@ -1213,10 +1213,21 @@ impl Shard {
             };
             reasons.push(reason);
         }
+        let problem_info = self.conns.get_slot(slot).is_some_and(|c| c.problem_info);
+        let refused: Vec<&str> = reasons
+            .iter()
+            .filter(|r| r.is_error())
+            .map(|r| reason_text(*r))
+            .collect();
+        let properties = Properties {
+            reason_string: (protocol == Protocol::V5 && problem_info && !refused.is_empty())
+                .then(|| format!("refused: {}", refused.join(", "))),
+            ..Default::default()
+        };
         let suback = SubAck {
             packet_id: s.packet_id,
             reasons,
-            properties: Properties::default(),
+            properties,
         };
         let others = self.mesh.shards() - 1;
         if new_routes > 0 && others > 0 {
@@ -2413,6 +2424,7 @@ impl Shard {
         };
         let protocol = conn.protocol;
         let active = conn.state == ConnState::Active;
+        let problem_info = conn.problem_info;
         if active && protocol == Protocol::V5 {
             let reason = match why {
                 Close::Error(r) => Some(r),
@@ -2421,13 +2433,15 @@ impl Shard {
                 Close::Graceful | Close::Abnormal => None,
             };
             if let Some(reason) = reason {
+                // MQTT-3.14.2.2.3: a reason string only when the client did not opt out.
+                let properties = Properties {
+                    reason_string: problem_info.then(|| reason_text(reason).to_string()),
+                    ..Default::default()
+                };
                 self.send_packet(
                     slot,
                     protocol,
-                    &Packet::Disconnect(Disconnect {
-                        reason,
-                        properties: Properties::default(),
-                    }),
+                    &Packet::Disconnect(Disconnect { reason, properties }),
                 );
             }
         }
@@ -2517,6 +2531,32 @@ impl Shard {
             self.close(slot, Close::Shutdown);
         }
         log::debug!("shard {} stopped", self.id);
+    }
+}
+
+/// Human-readable text for a reason code, sent as the v5 Reason String.
+fn reason_text(r: ReasonCode) -> &'static str {
+    match r {
+        ReasonCode::MalformedPacket => "malformed packet",
+        ReasonCode::ProtocolError => "protocol error",
+        ReasonCode::PacketTooLarge => "packet larger than the maximum packet size",
+        ReasonCode::TopicNameInvalid => "invalid topic name",
+        ReasonCode::TopicFilterInvalid => "invalid topic filter",
+        ReasonCode::TopicAliasInvalid => "topic alias out of range or unknown",
+        ReasonCode::ReceiveMaximumExceeded => {
+            "more unacknowledged QoS 2 messages than Receive Maximum"
+        }
+        ReasonCode::KeepAliveTimeout => "no packet within 1.5 x keep-alive",
+        ReasonCode::SessionTakenOver => "another connection took this client id",
+        ReasonCode::ServerShuttingDown => "server shutting down",
+        ReasonCode::QuotaExceeded => "quota exceeded",
+        ReasonCode::MaximumConnectTime => "CONNECT not completed in time",
+        ReasonCode::SharedSubscriptionsNotSupported => "shared subscriptions are disabled",
+        ReasonCode::BadAuthenticationMethod => "authentication method not supported",
+        ReasonCode::UnsupportedProtocolVersion => "unsupported protocol version",
+        ReasonCode::ClientIdentifierNotValid => "client identifier not valid",
+        ReasonCode::ServerUnavailable => "server unavailable",
+        _ => "refused",
     }
 }
 
