@@ -1600,7 +1600,7 @@ impl Shard {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let list = self.slice.get_or_insert_with(&filter, SmallVec::new);
+        let list = self.slice.get_or_insert_shared(&filter, SmallVec::new);
         let fresh = list.is_empty();
         match list.iter_mut().find(|s| s.session == sidx) {
             Some(s) => {
@@ -1689,8 +1689,8 @@ impl Shard {
         }
     }
 
-    fn route_add_local(&mut self, filter: &str, shard: usize) {
-        let r = self.routes.get_or_insert_with(filter, Route::default);
+    fn route_add_local(&mut self, filter: &Arc<str>, shard: usize) {
+        let r = self.routes.get_or_insert_shared(filter, Route::default);
         let was_empty = r.shards.is_empty();
         r.shards.insert(shard);
         if was_empty {

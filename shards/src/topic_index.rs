@@ -7,6 +7,7 @@
 
 use ahash::AHashMap;
 use smallvec::SmallVec;
+use std::sync::Arc;
 
 /// One trie level. `#` is always the last level of a filter, so it is a value slot on the parent
 /// rather than a child node.
@@ -53,7 +54,9 @@ impl<V> Node<V> {
 /// assert_eq!(sum, 11);
 /// ```
 pub struct TopicIndex<V> {
-    exact: AHashMap<Box<str>, V>,
+    /// Keyed by `Arc<str>` so the slice, the route replica and the sessions of every shard can
+    /// share one allocation of a filter string.
+    exact: AHashMap<Arc<str>, V>,
     root: Node<V>,
     wildcard_len: usize,
 }
@@ -122,8 +125,27 @@ impl<V> TopicIndex<V> {
     /// Value of `filter`, inserting `make()` first if absent. The filter must be valid.
     pub fn get_or_insert_with(&mut self, filter: &str, make: impl FnOnce() -> V) -> &mut V {
         if !crate::topic::is_wildcard(filter) {
-            return self.exact.entry(filter.into()).or_insert_with(make);
+            if !self.exact.contains_key(filter) {
+                self.exact.insert(filter.into(), make());
+            }
+            return self.exact.get_mut(filter).expect("present");
         }
+        self.wildcard_entry(filter, make)
+    }
+
+    /// Like [`TopicIndex::get_or_insert_with`], keeping a clone of `filter` (no new string) as
+    /// the key of an exact filter.
+    pub fn get_or_insert_shared(&mut self, filter: &Arc<str>, make: impl FnOnce() -> V) -> &mut V {
+        if !crate::topic::is_wildcard(filter) {
+            if !self.exact.contains_key(&**filter) {
+                self.exact.insert(filter.clone(), make());
+            }
+            return self.exact.get_mut(&**filter).expect("present");
+        }
+        self.wildcard_entry(filter, make)
+    }
+
+    fn wildcard_entry(&mut self, filter: &str, make: impl FnOnce() -> V) -> &mut V {
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
