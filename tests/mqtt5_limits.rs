@@ -67,6 +67,16 @@ fn keep_alive_timeout_gets_0x8d_with_a_reason_string() {
 }
 
 #[test]
+fn no_reason_string_when_the_client_opts_out_of_problem_information() {
+    let b = Broker::start(&[]);
+    let mut c = RawClient::connect(b.addr());
+    // Request Problem Information = 0 (MQTT-3.1.2-29).
+    c.send(&connect_v5("quiet8d", 1, &[0x17, 0x00]));
+    assert_eq!(c.recv(WAIT).unwrap().first, 0x20);
+    assert_eq!(disconnect_reason(&mut c), (0x8D, false));
+}
+
+#[test]
 fn topic_deeper_than_the_limit_is_refused() {
     let b = Broker::start(&[("MQTT__MAX_TOPIC_LEVELS", "3")]);
     let mut s = v5_client(&b, "levels-sub", 60);

@@ -255,14 +255,24 @@ def test_message_larger_than_a_clients_maximum_is_skipped_for_it_only(broker):
 
 
 def test_connack_announces_server_limits_and_keep_alive(configured):
-    b = configured(MQTT__SERVER_KEEPALIVE_S=7, MQTT__MAX_INFLIGHT=4, MQTT__MAX_TOPIC_ALIAS=9)
+    b = configured(
+        MQTT__SERVER_KEEPALIVE_S=7,
+        MQTT__MAX_INFLIGHT=4,
+        MQTT__MAX_TOPIC_ALIAS=9,
+        MQTT__RESPONSE_INFORMATION="replies/",
+    )
     c = v5(b, "lim")
     ack = c.connect(properties=connect_props(RequestResponseInformation=1))
     p = ack.properties
     assert p.ServerKeepAlive == 7
     assert p.ReceiveMaximum == 4
     assert p.TopicAliasMaximum == 9
+    assert p.ResponseInformation == "replies/"
     c.close()
+    # Without the request, no Response Information (MQTT-3.1.2.11.6).
+    quiet = v5(b, "noresp")
+    assert not hasattr(quiet.connect().properties, "ResponseInformation")
+    quiet.close()
 
 
 def read_packets(sock: socket.socket, quiet: float = 0.5) -> list[tuple[int, bytes]]:
