@@ -213,12 +213,95 @@ def run_subs(total: int) -> list[dict]:
     return rows
 
 
+def metrics_of(api_port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("shardmq_"):
+            name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+            out[name] = float(value)
+    return out
+
+
+def run_cluster(quick: bool) -> list[dict]:
+    """Publishers on n1, subscribers on n2 and n3, against the same load on one node."""
+    dur = 3 if quick else 6
+    rows = []
+    for layout in ("single node", "3-node cluster"):
+        with tempfile.TemporaryDirectory() as tmp:
+            nodes = []
+            count = 1 if layout == "single node" else 3
+            for i in range(count):
+                mqtt, cport, api = free_port(), free_port(), free_port()
+                env = dict(os.environ)
+                env.update({
+                    "SHARDMQ_NODE__NAME": f"n{i + 1}@127.0.0.1",
+                    "SHARDMQ_NODE__SHARDS": "1",
+                    "SHARDMQ_NODE__DATA_DIR": f"{tmp}/n{i + 1}",
+                    "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{mqtt}",
+                    "SHARDMQ_CLUSTER__BIND": f"127.0.0.1:{cport}",
+                    "SHARDMQ_MANAGEMENT__BIND": f"127.0.0.1:{api}",
+                    "SHARDMQ_MQTT__MAX_QUEUED_MESSAGES": "100000",
+                })
+                proc = subprocess.Popen([str(ROOT / "target/release/shardmq"), "start"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_port(mqtt)
+                nodes.append((proc, mqtt, cport, api))
+            ctl = str(ROOT / "target/release/shardmq")
+            for proc, mqtt, cport, api in nodes[1:]:
+                subprocess.run([ctl, "ctl", "--api", f"127.0.0.1:{api}", "cluster", "join",
+                                f"n1@127.0.0.1:{nodes[0][2]}"], capture_output=True, timeout=15)
+            time.sleep(2)
+            sub_hosts = ",".join(f"127.0.0.1:{n[1]}" for n in (nodes[1:] if count > 1 else nodes))
+            sub_json, pub_json = Path(tmp) / "sub.json", Path(tmp) / "pub.json"
+            bench_bin = str(ROOT / "target/release/shardmq-bench")
+            sub_args = ["sub", "-h", sub_hosts, "-c", "50", "-t", "bench/%i", "-q", "1", "-i", "0",
+                        "--duration", str(dur + 4)]
+            pub_args = ["pub", "-h", f"127.0.0.1:{nodes[0][1]}", "-c", "50", "-t", "bench/%i", "-q", "1",
+                        "-s", "16", "-i", "0", "--rate", "2000000", "--duration", str(dur)]
+            sub = subprocess.Popen([bench_bin, *sub_args, "--quiet", "--json", str(sub_json)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(2)
+            subprocess.run([bench_bin, *pub_args, "--quiet", "--json", str(pub_json)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+            sub.wait(60)
+            m = metrics_of(nodes[0][3])
+            for proc, *_ in nodes:
+                proc.terminate()
+                proc.wait(10)
+            s_r, p_r = json.loads(sub_json.read_text()), json.loads(pub_json.read_text())
+            writes = m.get("shardmq_cluster_link_writes_total", 0)
+            rows.append({
+                "broker": "shardmq", "scenario": f"cluster: {layout}",
+                "recv_rate": s_r["received"] / max(p_r["duration_s"], 0.001),
+                "latency_us": s_r["latency_us"], "rss_mib": 0,
+                "batch": (m.get("shardmq_cluster_forwarded_total", 0) / writes) if writes else 0,
+                "cmd": "shardmq-bench " + " ".join(sub_args) + "  +  shardmq-bench " + " ".join(pub_args),
+            })
+    single, cluster = rows
+    rows.append({"broker": "**cluster / single node**", "scenario": "cluster: ratio",
+                 "ratio_text": f"throughput x{cluster['recv_rate'] / max(single['recv_rate'], 1):.2f}, "
+                               f"{cluster['batch']:.1f} messages per link write"})
+    return rows
+
+
 def fmt(rows: list[dict]) -> list[str]:
     lines = []
     by = {}
     for r in rows:
         by.setdefault(r["scenario"], {})[r["broker"]] = r
+    for r in rows:
+        if r["scenario"].startswith("cluster"):
+            if "ratio_text" in r:
+                lines.append(f"| cluster | {r['broker']} | {r['ratio_text']} | | | | |")
+            else:
+                lat = r["latency_us"]
+                lines.append(f"| {r['scenario']} | shardmq | {r['recv_rate']:.0f} | {lat['p50']} | {lat['p99']} | | |")
     for scen, pair in by.items():
+        if scen.startswith("cluster"):
+            continue
         s, m = pair.get("shardmq", {}), pair.get("mosquitto", {})
         for kind, r in (("shardmq", s), ("mosquitto", m)):
             lat = r.get("latency_us", {})
@@ -254,7 +337,7 @@ def main() -> int:
         return 1
     rows = []
     loads = scenarios(quick)
-    wanted = argv or ["pairs", "fanin", "fanout", "conn", "subs"]
+    wanted = argv or ["pairs", "fanin", "fanout", "conn", "subs", "cluster"]
     for name, (args, overload) in loads.items():
         if any(name.startswith(w) for w in wanted):
             print(f"running {name}", file=sys.stderr)
@@ -262,6 +345,9 @@ def main() -> int:
     if "conn" in wanted:
         print("running conn", file=sys.stderr)
         rows += run_conn(2000 if quick else 15000)
+    if "cluster" in wanted:
+        print("running cluster", file=sys.stderr)
+        rows += run_cluster(quick)
     if "subs" in wanted:
         for total in ([10_000] if quick else [100_000, 1_000_000]):
             print(f"running subs-{total}", file=sys.stderr)
@@ -281,7 +367,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     table = header + fmt(rows)
-    cmds = sorted({r["cmd"] for r in rows})
+    cmds = sorted({r["cmd"] for r in rows if "cmd" in r})
     table += ["", "Load commands (each also given `-p PORT --threads N --quiet --json FILE`):", ""]
     table += [f"- `{c}`" for c in cmds]
     print("\n".join(table))

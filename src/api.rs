@@ -205,6 +205,18 @@ fn counters(shared: &NodeShared) -> Vec<(&'static str, &'static str, i64, bool)>
             c(&m.refused),
             true,
         ),
+        (
+            "cluster_forwarded_total",
+            "Messages forwarded to other nodes",
+            c(&m.cluster_forwarded),
+            true,
+        ),
+        (
+            "cluster_link_writes_total",
+            "writev calls on cluster links",
+            c(&m.cluster_link_writes),
+            true,
+        ),
     ]
 }
 

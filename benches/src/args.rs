@@ -68,7 +68,8 @@ pub struct Args {
 pub const USAGE: &str = "shardmq-bench: MQTT load generator (emqtt-bench compatible flags)
 
 usage: shardmq-bench conn|sub|pub|pubsub [options]
-  -h HOSTS        broker host(s), comma separated; clients are spread over them (127.0.0.1)
+  -h HOSTS        broker host(s), comma separated, each optionally host:port; clients
+                  are spread over them (127.0.0.1)
   -p PORT         broker port (1883)
   -V VERSION      3 (MQTT 3.1), 4 (3.1.1, default) or 5
   -c COUNT        number of clients (conn/sub/pub)

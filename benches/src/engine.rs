@@ -103,11 +103,20 @@ pub fn expand_topic(template: &str, seq: usize, id: &str, rng: &mut u64) -> Stri
 
 /// The clients of a run, in order (subscribers first in `pubsub`).
 pub fn plan(a: &Args) -> Vec<Spec> {
+    // As emqtt-bench: <prefix>_<mode>_<pid>_<seq>, so two generators never take each other's
+    // client ids; --shortids gives the bare sequence number.
+    let mode = match a.mode {
+        Mode::Conn => "conn",
+        Mode::Sub => "sub",
+        Mode::Pub => "pub",
+        Mode::PubSub => "ps",
+    };
+    let pid = std::process::id();
     let id = |kind: &str, seq: usize| {
         if a.shortids {
             format!("{kind}{seq}")
         } else {
-            format!("{}_{kind}{seq}", a.prefix)
+            format!("{}_{mode}_{pid}_{kind}{seq}", a.prefix)
         }
     };
     match a.mode {
@@ -227,10 +236,13 @@ pub fn run_thread(
         .hosts
         .iter()
         .filter_map(|h| {
-            (h.as_str(), a.port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
+            // A host may carry its own port (`host:port`), e.g. the nodes of a local cluster.
+            let resolved = if h.parse::<std::net::Ipv6Addr>().is_err() && h.contains(':') {
+                h.as_str().to_socket_addrs()
+            } else {
+                (h.as_str(), a.port).to_socket_addrs()
+            };
+            resolved.ok().and_then(|mut it| it.next())
         })
         .collect();
     if addrs.is_empty() {

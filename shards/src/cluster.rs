@@ -450,6 +450,7 @@ impl Cluster {
                         .take(64)
                         .map(|b| std::io::IoSlice::new(b))
                         .collect();
+                    Metrics::add(&self.metrics.metrics.cluster_link_writes, 1);
                     match link.stream.write_vectored(&slices) {
                         Ok(0) => {
                             failed = Some("write returned 0".to_string());
@@ -872,6 +873,7 @@ impl Cluster {
                         Metrics::add(&self.metrics.metrics.messages_dropped, 1);
                         continue;
                     }
+                    Metrics::add(&self.metrics.metrics.cluster_forwarded, 1);
                     encode_publish_head(&wire, normal, &keys, &mut self.scratch);
                     let head = self.scratch.split().freeze();
                     if let Some(l) = self.links[link].as_mut() {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub subscriptions: AtomicI64,
     /// Connections refused for a limit (max connections, quota).
     pub refused: AtomicU64,
+    /// Messages forwarded to other nodes.
+    pub cluster_forwarded: AtomicU64,
+    /// `writev` calls on cluster links (forwarded / this = messages per link write).
+    pub cluster_link_writes: AtomicU64,
 }
 
 impl Metrics {
