@@ -10,7 +10,7 @@ table is appended to docs/benchmarks.md with the date, commit and exact commands
     python3 benches/harness.py --quick         # short runs (smoke test)
 
 Needs: cargo (builds shardmq and shardmq-bench in release), mosquitto (apt) for the reference.
-rumqttd is not run yet (see docs/benchmarks.md).
+rumqttd runs too when RUMQTTD_BIN (or a rumqttd on PATH) is set: `cargo install rumqttd --root DIR`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BROKER_CORE = "0"
 GEN_CORES = "1" if os.cpu_count() == 2 else f"1-{os.cpu_count() - 1}"
 GEN_THREADS = max(1, (os.cpu_count() or 2) - 1)
+# rumqttd built from crates.io (`cargo install rumqttd --root DIR`); run when present.
+RUMQTTD = os.environ.get("RUMQTTD_BIN", shutil.which("rumqttd") or "")
+OTHERS = ["mosquitto"] + (["rumqttd"] if RUMQTTD and Path(RUMQTTD).exists() else [])
 
 
 def free_port() -> int:
@@ -78,6 +81,17 @@ class Broker:
                 }
             )
             cmd = ["taskset", "-c", BROKER_CORE, str(ROOT / "target/release/shardmq"), "start"]
+        elif self.kind == "rumqttd":
+            conf = self.work / "rumqttd.toml"
+            conf.write_text(
+                "id = 0\n\n[router]\nid = 0\nmax_connections = 20010\nmax_outgoing_packet_count = 200\n"
+                "max_segment_size = 104857600\nmax_segment_count = 10\n\n"
+                f"[v4.1]\nname = \"v4-1\"\nlisten = \"127.0.0.1:{self.port}\"\nnext_connection_delay_ms = 0\n"
+                "    [v4.1.connections]\n    connection_timeout_ms = 60000\n    max_payload_size = 20480\n"
+                "    max_inflight_count = 100\n    dynamic_filters = true\n"
+            )
+            cmd = ["taskset", "-c", BROKER_CORE, RUMQTTD, "-c", str(conf)]
+            env = dict(os.environ)
         else:
             conf = self.work / "mosquitto.conf"
             conf.write_text(
@@ -132,7 +146,7 @@ def run_load(name: str, args: list[str], overload: int) -> list[dict]:
     half of mosquitto's maximum rate."""
     rows = {}
     for phase in ("max", "half"):
-        for kind in ("shardmq", "mosquitto"):
+        for kind in ["shardmq", *OTHERS]:
             if phase == "max":
                 rate = overload
             else:
@@ -154,7 +168,7 @@ def run_load(name: str, args: list[str], overload: int) -> list[dict]:
 def run_conn(n: int) -> list[dict]:
     """Connect rate, and RSS per idle connection with every client connected."""
     rows = []
-    for kind in ("shardmq", "mosquitto"):
+    for kind in ["shardmq", *OTHERS]:
         with tempfile.TemporaryDirectory() as tmp:
             b = Broker(kind, Path(tmp)).start()
             base = rss_kib(b.proc.pid)
@@ -183,19 +197,21 @@ def run_conn(n: int) -> list[dict]:
 
 
 def run_subs(total: int) -> list[dict]:
-    """Memory per subscription: `total` distinct filters (10% with a wildcard) from 100 clients."""
+    """Memory per subscription with `total` distinct filters (10% with a wildcard) from 100
+    clients, then the delivery rate with all of them in place."""
     rows = []
     clients = 100
     per = total // clients
-    for kind in ("shardmq", "mosquitto"):
+    for kind in ["shardmq", *OTHERS]:
         with tempfile.TemporaryDirectory() as tmp:
             b = Broker(kind, Path(tmp)).start()
             base = rss_kib(b.proc.pid)
+            sub_json = Path(tmp) / "sub.json"
             args = ["sub", "-c", str(clients), "-i", "0", "-t", "fleet/%i/%k", "--subs-per-client", str(per),
-                    "--duration", "60"]
+                    "--duration", "120"]
             hold = subprocess.Popen(
                 ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
-                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet"],
+                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(sub_json)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             last, stable = -1, 0
             deadline = time.time() + 55
@@ -204,11 +220,17 @@ def run_subs(total: int) -> list[dict]:
                 now = rss_kib(b.proc.pid)
                 stable = stable + 1 if now == last else 0
                 last = now
+            pub_args = ["pub", "-c", str(clients), "-t", f"fleet/%i/%rand_{per - 1}", "-q", "0", "-s", "16",
+                        "-i", "0", "--rate", "2000000", "--duration", "5"]
+            p = bench(b.port, pub_args, timeout=60)
+            time.sleep(1)
             hold.terminate()
             hold.wait(30)
             b.stop()
+            received = json.loads(sub_json.read_text()).get("received", 0) if sub_json.exists() else 0
             rows.append({"broker": kind, "scenario": f"subs-{total}", "broker_cmd": b.cmd,
-                         "cmd": "shardmq-bench " + " ".join(args), "rss_mib": last / 1024,
+                         "cmd": "shardmq-bench " + " ".join(args) + "  +  " + p["cmd"], "rss_mib": last / 1024,
+                         "recv_rate": received / max(p.get("duration_s", 5), 0.001),
                          "rss_per_sub_b": round((last - base) * 1024 / total)})
     return rows
 
@@ -299,11 +321,14 @@ def fmt(rows: list[dict]) -> list[str]:
             else:
                 lat = r["latency_us"]
                 lines.append(f"| {r['scenario']} | shardmq | {r['recv_rate']:.0f} | {lat['p50']} | {lat['p99']} | | |")
-    for scen, pair in by.items():
+    for scen, per in by.items():
         if scen.startswith("cluster"):
             continue
-        s, m = pair.get("shardmq", {}), pair.get("mosquitto", {})
-        for kind, r in (("shardmq", s), ("mosquitto", m)):
+        s = per.get("shardmq", {})
+        for kind in ["shardmq", *OTHERS]:
+            r = per.get(kind)
+            if not r:
+                continue
             lat = r.get("latency_us", {})
             extra = ""
             if "rss_per_sub_b" in r:
@@ -314,17 +339,22 @@ def fmt(rows: list[dict]) -> list[str]:
                 f"| {scen} | {kind} | {r.get('recv_rate', 0):.0f} | {lat.get('p50', 0)} | {lat.get('p99', 0)} | "
                 f"{r.get('rss_mib', 0):.1f} | {extra} |"
             )
-        if s and m:
+        for other in OTHERS:
+            m = per.get(other)
+            if not (s and m):
+                continue
             if "rss_per_sub_b" in s:
-                ratio = f"memory/subscription x{s['rss_per_sub_b'] / max(m['rss_per_sub_b'], 1):.2f}"
+                ratio = (f"memory/subscription x{s['rss_per_sub_b'] / max(m['rss_per_sub_b'], 1):.2f}, "
+                         f"delivery rate x{s.get('recv_rate', 0) / max(m.get('recv_rate', 0), 1):.2f}")
             elif "rss_per_conn_b" in s:
                 ratio = (f"connect rate x{s['connect_rate'] / max(m['connect_rate'], 1):.2f}, "
                          f"memory/conn x{s['rss_per_conn_b'] / max(m['rss_per_conn_b'], 1):.2f}")
             elif scen.endswith(" half"):
-                ratio = (f"at {s.get('rate')} msg/s: p99 x{s.get('latency_us', {}).get('p99', 0) / max(m.get('latency_us', {}).get('p99', 0), 1):.2f}")
+                ratio = (f"at {s.get('rate')} msg/s: p99 "
+                         f"x{s.get('latency_us', {}).get('p99', 0) / max(m.get('latency_us', {}).get('p99', 0), 1):.2f}")
             else:
                 ratio = f"throughput x{s.get('recv_rate', 0) / max(m.get('recv_rate', 0), 1):.2f}"
-            lines.append(f"| {scen} | **shardmq / mosquitto** | {ratio} | | | | |")
+            lines.append(f"| {scen} | **shardmq / {other}** | {ratio} | | | | |")
     return lines
 
 
@@ -362,6 +392,8 @@ def main() -> int:
         "",
         "`max` rows: open-loop load above capacity, msgs/s = what the subscribers received. `half` rows: both brokers at "
         "half of mosquitto's maximum, for latency.",
+        "",
+        f"Reference brokers: {', '.join(OTHERS)}.",
         "",
         "| scenario | broker | msgs/s received | p50 µs | p99 µs | RSS MiB | notes |",
         "|---|---|---|---|---|---|---|",
