@@ -425,3 +425,67 @@ async fn many_clients_across_shards_get_every_qos1_message_once_in_order() {
         s.nothing_for(Duration::from_millis(100)).await;
     }
 }
+
+#[test]
+fn offline_persistent_session_queues_qos0_by_default() {
+    let b = Broker::start(&[]);
+    let (mut s, _) = RawClient::mqtt(b.addr(), "q0-offline", false);
+    assert_eq!(s.subscribe(1, "q0/t", 0), 0);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut p, _) = RawClient::mqtt(b.addr(), "q0-pub", true);
+    for n in 0..3u8 {
+        p.send(&publish_packet("q0/t", &[n], 0, 0, false, false));
+    }
+    assert!(p.ping());
+    let (mut back, present) = RawClient::mqtt(b.addr(), "q0-offline", false);
+    assert!(present);
+    for n in 0..3u8 {
+        assert_eq!(back.recv(WAIT).expect("queued QoS 0").publish().2, vec![n]);
+    }
+}
+
+#[test]
+fn offline_qos0_is_not_queued_when_disabled() {
+    let b = Broker::start(&[("MQTT__QUEUE_QOS0", "false")]);
+    let (mut s, _) = RawClient::mqtt(b.addr(), "q0-off", false);
+    assert_eq!(s.subscribe(1, "q0/t", 0), 0);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut p, _) = RawClient::mqtt(b.addr(), "q0-off-pub", true);
+    p.send(&publish_packet("q0/t", b"x", 0, 0, false, false));
+    assert!(p.ping());
+    let (mut back, _) = RawClient::mqtt(b.addr(), "q0-off", false);
+    assert!(back.recv(Duration::from_millis(500)).is_none());
+}
+
+#[test]
+fn inflight_window_limits_unacknowledged_deliveries() {
+    let b = Broker::start(&[("MQTT__MAX_INFLIGHT", "5")]);
+    let (mut s, _) = RawClient::mqtt(b.addr(), "window-sub", true);
+    assert_eq!(s.subscribe(1, "win/t", 1), 1);
+    let (mut p, _) = RawClient::mqtt(b.addr(), "window-pub", true);
+    for n in 0..10u16 {
+        p.send(&publish_packet(
+            "win/t",
+            &n.to_be_bytes(),
+            1,
+            n + 1,
+            false,
+            false,
+        ));
+    }
+    let mut first = Vec::new();
+    while let Some(m) = s.recv(Duration::from_millis(400)) {
+        first.push(m);
+    }
+    assert_eq!(first.len(), 5, "at most max_inflight unacknowledged");
+    // One PUBACK lets exactly one more through; nothing was dropped.
+    s.send(&ack_packet(0x40, first[0].publish().1));
+    let mut more = Vec::new();
+    while let Some(m) = s.recv(Duration::from_millis(400)) {
+        more.push(m);
+    }
+    assert_eq!(more.len(), 1);
+    assert_eq!(more[0].publish().2, 5u16.to_be_bytes().to_vec());
+}
