@@ -13,7 +13,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use shardmq_net::{
     decode, encode, encode_publish_header_parts, Connect, Packet, Properties, Protocol, PubResp,
-    QoS, Subscribe, SubscriptionOptions,
+    QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -624,6 +624,7 @@ fn on_packet(
     hist: &mut Histogram<u64>,
     started: Instant,
 ) {
+    let packet_kind = packet.packet_type();
     match packet {
         Packet::ConnAck(ack) => {
             if ack.reason.is_error() {
@@ -708,26 +709,13 @@ fn on_packet(
             c.inflight = c.inflight.saturating_sub(1);
             shared.acked.fetch_add(1, Ordering::Relaxed);
         }
-        Packet::PubRec(r) => {
-            encode(
-                &Packet::PubRel(PubResp {
-                    packet_id: r.packet_id,
-                    ..Default::default()
-                }),
-                proto,
-                scratch,
-            );
-            c.out.extend_from_slice(&scratch.split());
-        }
-        Packet::PubRel(r) => {
-            encode(
-                &Packet::PubComp(PubResp {
-                    packet_id: r.packet_id,
-                    ..Default::default()
-                }),
-                proto,
-                scratch,
-            );
+        Packet::PubRec(r) | Packet::PubRel(r) => {
+            let next = if packet_kind == 5 {
+                Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::Success))
+            } else {
+                Packet::PubComp(PubResp::new(r.packet_id, ReasonCode::Success))
+            };
+            encode(&next, proto, scratch);
             c.out.extend_from_slice(&scratch.split());
         }
         Packet::Disconnect(d) => {

@@ -297,6 +297,17 @@ pub struct PubResp {
     pub properties: Properties,
 }
 
+impl PubResp {
+    /// An acknowledgement of `packet_id` with `reason` and no properties.
+    pub fn new(packet_id: u16, reason: ReasonCode) -> PubResp {
+        PubResp {
+            packet_id,
+            reason,
+            properties: Properties::default(),
+        }
+    }
+}
+
 /// What a client wants done with retained messages when it subscribes (v5, 3.8.3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RetainHandling {

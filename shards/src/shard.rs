@@ -1013,12 +1013,7 @@ impl Shard {
                 self.pump(sidx);
             }
             Packet::PubRec(a) => {
-                let known = self.session_mut(sidx).session.on_pubrec(a.packet_id);
-                let reason = if known {
-                    ReasonCode::Success
-                } else {
-                    ReasonCode::PacketIdentifierNotFound
-                };
+                let reason = found(self.session_mut(sidx).session.on_pubrec(a.packet_id));
                 if a.reason.is_error() {
                     // v5: an error PUBREC ends the exchange (MQTT-4.3.3-4 family); forget it.
                     self.session_mut(sidx).session.on_pubcomp(a.packet_id);
@@ -1027,29 +1022,16 @@ impl Shard {
                     self.send_packet(
                         slot,
                         protocol,
-                        &Packet::PubRel(PubResp {
-                            packet_id: a.packet_id,
-                            reason,
-                            ..Default::default()
-                        }),
+                        &Packet::PubRel(PubResp::new(a.packet_id, reason)),
                     );
                 }
             }
             Packet::PubRel(a) => {
-                let known = self.session_mut(sidx).session.release_qos2(a.packet_id);
-                let reason = if known {
-                    ReasonCode::Success
-                } else {
-                    ReasonCode::PacketIdentifierNotFound
-                };
+                let reason = found(self.session_mut(sidx).session.release_qos2(a.packet_id));
                 self.send_packet(
                     slot,
                     protocol,
-                    &Packet::PubComp(PubResp {
-                        packet_id: a.packet_id,
-                        reason,
-                        ..Default::default()
-                    }),
+                    &Packet::PubComp(PubResp::new(a.packet_id, reason)),
                 );
             }
             Packet::PubComp(a) => {
@@ -2531,6 +2513,15 @@ impl Shard {
             self.close(slot, Close::Shutdown);
         }
         log::debug!("shard {} stopped", self.id);
+    }
+}
+
+/// Reason code of a PUBREL/PUBCOMP: whether the packet id was known (MQTT-4.3.3).
+fn found(known: bool) -> ReasonCode {
+    if known {
+        ReasonCode::Success
+    } else {
+        ReasonCode::PacketIdentifierNotFound
     }
 }
 
