@@ -90,17 +90,21 @@ struct Subscriber {
     id: Option<u32>,
 }
 
-/// A route replica entry: which local shards and which other nodes have subscribers.
-#[derive(Clone, Copy, Default)]
+/// One filter on this shard: which local shards and other nodes have subscribers (the route
+/// replica) and, when this shard has some, who they are (the subscription slice). One entry
+/// serves both so a subscription costs one key and one hash slot per shard, not two.
+#[derive(Default)]
 struct Route {
     shards: ShardSet,
     /// Bit `i` = cluster node index `i`.
     nodes: u64,
+    /// This shard's subscribers of the filter (non-empty exactly when `shards` has this shard).
+    subs: SmallVec<[Subscriber; 1]>,
 }
 
 impl Route {
     fn is_empty(&self) -> bool {
-        self.shards.is_empty() && self.nodes == 0
+        self.shards.is_empty() && self.nodes == 0 && self.subs.is_empty()
     }
 }
 
@@ -153,7 +157,6 @@ pub struct Shard {
     sessions: Vec<Option<SessionEntry>>,
     free_sessions: Vec<u32>,
     by_client: AHashMap<Arc<str>, u32>,
-    slice: TopicIndex<SmallVec<[Subscriber; 2]>>,
     routes: TopicIndex<Route>,
     retained: AHashMap<Arc<str>, Arc<Message>>,
     /// Shared groups whose owner is this shard (key = the full `$share/g/f` filter).
@@ -207,7 +210,6 @@ impl Shard {
             sessions: Vec::new(),
             free_sessions: Vec::new(),
             by_client: AHashMap::default(),
-            slice: TopicIndex::default(),
             routes: TopicIndex::default(),
             retained: AHashMap::default(),
             groups: AHashMap::default(),
@@ -1582,7 +1584,10 @@ impl Shard {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let list = self.slice.get_or_insert_shared(&filter, SmallVec::new);
+        let list = &mut self
+            .routes
+            .get_or_insert_shared(&filter, Route::default)
+            .subs;
         let fresh = list.is_empty();
         match list.iter_mut().find(|s| s.session == sidx) {
             Some(s) => {
@@ -1648,14 +1653,13 @@ impl Shard {
     /// Removes one session from a filter's subscriber list; withdraws the route if it was the
     /// last subscriber of that filter on this shard.
     fn slice_remove(&mut self, filter: &str, sidx: u32) {
-        let Some(list) = self.slice.get_mut(filter) else {
+        let Some(entry) = self.routes.get_mut(filter) else {
             return;
         };
-        list.retain(|s| s.session != sidx);
-        if !list.is_empty() {
+        entry.subs.retain(|s| s.session != sidx);
+        if !entry.subs.is_empty() {
             return;
         }
-        self.slice.remove(filter);
         self.route_del(filter, self.id);
         let filter: Arc<str> = filter.into();
         for to in 0..self.mesh.shards() {
@@ -1869,8 +1873,8 @@ impl Shard {
     /// its matching subscriptions, with all their subscription ids (MQTT-3.3.4-2/3).
     fn deliver_local(&mut self, msg: &Arc<Message>) {
         let mut matched: SmallVec<[Subscriber; 8]> = SmallVec::new();
-        self.slice
-            .for_each_match(&msg.topic, |list| matched.extend(list.iter().copied()));
+        self.routes
+            .for_each_match(&msg.topic, |r| matched.extend(r.subs.iter().copied()));
         if matched.is_empty() {
             return;
         }

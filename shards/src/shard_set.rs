@@ -1,51 +1,82 @@
-//! A fixed-size set of shard ids, the value of every route-replica entry.
+//! A set of shard ids, the value of every route-replica entry.
+//!
+//! One word covers shards 0..64 inline; ids up to [`SHARDS_MAX`] spill into a boxed tail that
+//! only nodes with more than 64 shards ever allocate. Route entries exist per filter per shard,
+//! so this keeps the common case at 16 bytes instead of 32.
 
-/// Most shards a node runs; bounds [`ShardSet`] to four words so a route entry stays small.
+/// Most shards a node runs.
 pub const SHARDS_MAX: usize = 256;
 
-/// Set of shard ids below [`SHARDS_MAX`], copied by value.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-pub struct ShardSet([u64; SHARDS_MAX / 64]);
+/// Set of shard ids below [`SHARDS_MAX`].
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+pub struct ShardSet {
+    lo: u64,
+    hi: Option<Box<[u64; SHARDS_MAX / 64 - 1]>>,
+}
 
 impl ShardSet {
+    fn word(&self, w: usize) -> u64 {
+        match w {
+            0 => self.lo,
+            _ => self.hi.as_ref().map_or(0, |h| h[w - 1]),
+        }
+    }
+
+    fn word_mut(&mut self, w: usize) -> &mut u64 {
+        match w {
+            0 => &mut self.lo,
+            _ => &mut self.hi.get_or_insert_with(Default::default)[w - 1],
+        }
+    }
+
     /// Adds `shard`; returns true if it was absent.
     pub fn insert(&mut self, shard: usize) -> bool {
         debug_assert!(shard < SHARDS_MAX);
         let (w, b) = (shard / 64, 1u64 << (shard % 64));
-        let absent = self.0[w] & b == 0;
-        self.0[w] |= b;
+        let word = self.word_mut(w);
+        let absent = *word & b == 0;
+        *word |= b;
         absent
     }
 
     /// Removes `shard`; returns true if it was present.
     pub fn remove(&mut self, shard: usize) -> bool {
         let (w, b) = (shard / 64, 1u64 << (shard % 64));
-        let present = self.0[w] & b != 0;
-        self.0[w] &= !b;
-        present
+        if self.word(w) & b == 0 {
+            return false;
+        }
+        *self.word_mut(w) &= !b;
+        if self.hi.as_ref().is_some_and(|h| h.iter().all(|x| *x == 0)) {
+            self.hi = None;
+        }
+        true
     }
 
     /// True when `shard` is in the set.
     pub fn contains(&self, shard: usize) -> bool {
-        self.0[shard / 64] & (1u64 << (shard % 64)) != 0
+        self.word(shard / 64) & (1u64 << (shard % 64)) != 0
     }
 
     /// True when no shard is in the set.
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|w| *w == 0)
+        self.lo == 0 && self.hi.is_none()
     }
 
     /// Adds every member of `other`.
     pub fn union_with(&mut self, other: &ShardSet) {
-        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
-            *a |= *b;
+        self.lo |= other.lo;
+        if let Some(h) = &other.hi {
+            let mine = self.hi.get_or_insert_with(Default::default);
+            for (a, b) in mine.iter_mut().zip(h.iter()) {
+                *a |= *b;
+            }
         }
     }
 
     /// Members in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, &word)| {
-            let mut bits = word;
+        (0..SHARDS_MAX / 64).flat_map(move |w| {
+            let mut bits = self.word(w);
             std::iter::from_fn(move || {
                 if bits == 0 {
                     return None;
@@ -76,5 +107,15 @@ mod tests {
         t.insert(5);
         t.union_with(&s);
         assert_eq!(t.iter().collect::<Vec<_>>(), [0, 3, 5, 200]);
+    }
+
+    #[test]
+    fn small_sets_stay_inline_and_the_tail_is_freed() {
+        assert_eq!(std::mem::size_of::<ShardSet>(), 16);
+        let mut s = ShardSet::default();
+        s.insert(100);
+        assert!(s.hi.is_some());
+        s.remove(100);
+        assert!(s.hi.is_none() && s.is_empty());
     }
 }
