@@ -58,7 +58,7 @@ pub enum Enqueued {
 pub struct Subscription {
     pub filter: Arc<str>,
     pub options: SubscriptionOptions,
-    pub id: Option<u32>,
+    pub id: Option<std::num::NonZeroU32>,
 }
 
 /// Session state of one client id on its home shard.

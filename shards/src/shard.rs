@@ -30,6 +30,7 @@ use shardmq_net::{
     SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 use smallvec::SmallVec;
+use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,7 +88,7 @@ struct SessionEntry {
 struct Subscriber {
     session: u32,
     options: SubscriptionOptions,
-    id: Option<u32>,
+    id: Option<std::num::NonZeroU32>,
 }
 
 /// One filter on this shard: which local shards and other nodes have subscribers (the route
@@ -121,7 +122,7 @@ struct PendingSubAck {
     slot: u32,
     gen: u32,
     suback: SubAck,
-    retained: Vec<(Arc<str>, SubscriptionOptions, Option<u32>)>,
+    retained: Vec<(Arc<str>, SubscriptionOptions, Option<NonZeroU32>)>,
     waiting: usize,
 }
 
@@ -651,7 +652,7 @@ impl Shard {
             self.next_token += 1;
             for (filter, options, id) in e.subscriptions {
                 let options = options_from_byte(options);
-                let id = (id != 0).then_some(id);
+                let id = NonZeroU32::new(id);
                 if shared::is_shared(&filter) {
                     let s = &mut self.session_mut(sidx).session;
                     s.subscriptions.push(Subscription {
@@ -743,7 +744,7 @@ impl Shard {
                             (
                                 s.filter.clone(),
                                 options_to_byte(s.options),
-                                s.id.unwrap_or(0),
+                                s.id.map_or(0, NonZeroU32::get),
                             )
                         })
                         .collect();
@@ -1160,7 +1161,12 @@ impl Shard {
     fn on_subscribe(&mut self, slot: u32, gen: u32, sidx: u32, protocol: Protocol, s: Subscribe) {
         let max_levels = self.cfg().max_topic_levels;
         let max_subs = self.cfg().max_subscriptions;
-        let sub_id = s.properties.subscription_identifiers.first().copied();
+        let sub_id = s
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied()
+            .and_then(NonZeroU32::new);
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut new_routes = 0usize;
         let token = self.next_token;
@@ -1238,7 +1244,7 @@ impl Shard {
         sidx: u32,
         filter: String,
         options: SubscriptionOptions,
-        id: Option<u32>,
+        id: Option<NonZeroU32>,
         token: u64,
         new_routes: &mut usize,
     ) -> ReasonCode {
@@ -1483,7 +1489,7 @@ impl Shard {
                 let d = Delivery {
                     qos: msg.qos.min(options.qos),
                     retain: false,
-                    sub_ids: id.into_iter().collect(),
+                    sub_ids: id.map(NonZeroU32::get).into_iter().collect(),
                     share: Some(key),
                     msg,
                 };
@@ -1525,7 +1531,7 @@ impl Shard {
         protocol: Protocol,
         sidx: u32,
         suback: SubAck,
-        retained: Vec<(Arc<str>, SubscriptionOptions, Option<u32>)>,
+        retained: Vec<(Arc<str>, SubscriptionOptions, Option<NonZeroU32>)>,
     ) {
         self.send_packet(slot, protocol, &Packet::SubAck(suback));
         for (filter, options, id) in retained {
@@ -1543,7 +1549,7 @@ impl Shard {
                     qos: msg.qos.min(options.qos),
                     // MQTT-3.3.1-8: retained messages sent on subscribe carry retain = 1.
                     retain: true,
-                    sub_ids: id.into_iter().collect(),
+                    sub_ids: id.map(NonZeroU32::get).into_iter().collect(),
                     share: None,
                     msg,
                 };
@@ -1559,7 +1565,7 @@ impl Shard {
         sidx: u32,
         filter: Arc<str>,
         options: SubscriptionOptions,
-        id: Option<u32>,
+        id: Option<NonZeroU32>,
         token: u64,
     ) -> bool {
         let session = &mut self.session_mut(sidx).session;
@@ -1896,7 +1902,7 @@ impl Shard {
                 qos = qos.max(s.options.qos);
                 retain_as_published |= s.options.retain_as_published;
                 if let Some(id) = s.id {
-                    sub_ids.push(id);
+                    sub_ids.push(id.get());
                 }
             }
             if !any {
