@@ -71,6 +71,12 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
             ),
         },
         ("POST", "/api/v5/cluster/leave") => reply(cluster_cmd(shared, ControlCmd::Leave)),
+        // Cluster-wide listings: every node's shards answer through the cluster thread.
+        ("GET", "/api/v5/clients") => reply(cluster_cmd(shared, |tx| ControlCmd::Query(1, tx))),
+        ("GET", "/api/v5/subscriptions") => {
+            reply(cluster_cmd(shared, |tx| ControlCmd::Query(2, tx)))
+        }
+        ("GET", "/api/v5/routes") => reply(cluster_cmd(shared, |tx| ControlCmd::Query(3, tx))),
         (
             _,
             "/metrics" | "/api/v5/metrics" | "/api/v5/stats" | "/api/v5/nodes" | "/api/v5/cluster",

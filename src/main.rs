@@ -15,6 +15,7 @@ const USAGE: &str = "usage:
       cluster leave                  leave the cluster
       cluster status                 members, their state, uptime, connections, routes
       nodes | metrics | stats        cluster members / this node's counters
+      clients | subscriptions | routes   cluster-wide listings (every node answers)
       (--api defaults to management.bind of the configuration)
   shardmq config                     print the embedded default configuration
   shardmq --version";
@@ -155,6 +156,9 @@ fn ctl(args: &[String]) -> ExitCode {
         ["cluster", "leave"] => ("POST", "/api/v5/cluster/leave".to_string()),
         ["cluster", "status"] | ["nodes"] => ("GET", "/api/v5/cluster".to_string()),
         ["metrics"] => ("GET", "/api/v5/metrics".to_string()),
+        ["clients"] => ("GET", "/api/v5/clients".to_string()),
+        ["subscriptions"] => ("GET", "/api/v5/subscriptions".to_string()),
+        ["routes"] => ("GET", "/api/v5/routes".to_string()),
         ["stats"] => ("GET", "/api/v5/stats".to_string()),
         _ => {
             eprintln!("{USAGE}");

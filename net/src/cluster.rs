@@ -93,6 +93,10 @@ pub enum Frame {
         subscriptions: Vec<WireSubscription>,
         messages: Vec<WireMessage>,
     },
+    /// A management question (`kind`: 1 clients, 2 subscriptions) for the receiver's shards.
+    Query { token: u64, kind: u8 },
+    /// The receiver's answer: one JSON object per row.
+    QueryReply { token: u64, rows: Vec<String> },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -152,6 +156,8 @@ impl Frame {
             Frame::Retain { .. } => 10,
             Frame::Takeover { .. } => 11,
             Frame::SessionTransfer { .. } => 12,
+            Frame::Query { .. } => 13,
+            Frame::QueryReply { .. } => 14,
         }
     }
 
@@ -244,6 +250,17 @@ impl Frame {
                 out.put_u32(messages.len() as u32);
                 for m in messages {
                     put_msg(out, m);
+                }
+            }
+            Frame::Query { token, kind } => {
+                out.put_u64(*token);
+                out.put_u8(*kind);
+            }
+            Frame::QueryReply { token, rows } => {
+                out.put_u64(*token);
+                out.put_u32(rows.len() as u32);
+                for r in rows {
+                    put_str(out, r);
                 }
             }
         }
@@ -412,6 +429,19 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                 messages,
             }
         }
+        13 => Frame::Query {
+            token: c.u64()?,
+            kind: c.u8()?,
+        },
+        14 => {
+            let token = c.u64()?;
+            let n = c.count(4)?;
+            let mut rows = Vec::with_capacity(n);
+            for _ in 0..n {
+                rows.push(c.string()?);
+            }
+            Frame::QueryReply { token, rows }
+        }
         _ => return Err(FrameError::Malformed("unknown frame type")),
     };
     if c.pos != body.len() {
@@ -561,6 +591,11 @@ mod tests {
                     id: 0,
                 }],
                 messages: vec![msg()],
+            },
+            Frame::Query { token: 5, kind: 1 },
+            Frame::QueryReply {
+                token: 5,
+                rows: vec!["{}".into()],
             },
         ];
         let mut out = BytesMut::new();

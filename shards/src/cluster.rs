@@ -86,6 +86,40 @@ pub enum ControlCmd {
     Join(String, mpsc::Sender<Result<String, String>>),
     Leave(mpsc::Sender<Result<String, String>>),
     Status(mpsc::Sender<Result<String, String>>),
+    /// Cluster-wide listing: 1 clients, 2 subscriptions, 3 routes (a JSON array).
+    Query(u8, mpsc::Sender<Result<String, String>>),
+}
+
+/// Who asked a pending query.
+enum QueryOrigin {
+    Local(mpsc::Sender<Result<String, String>>),
+    /// Another node (index), with its own token.
+    Peer(usize, u64),
+}
+
+/// A listing being collected from this node's shards (and, when asked here, other nodes).
+struct PendingQuery {
+    origin: QueryOrigin,
+    shards_left: usize,
+    peers_left: HashSet<usize>,
+    rows: Vec<String>,
+    deadline: Instant,
+}
+
+/// A JSON string literal (quotes and escapes) for the management API's hand-built JSON.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// What the management API shares with the cluster thread.
@@ -159,6 +193,8 @@ pub struct Cluster {
     route_seq: u64,
     retained: HashMap<String, Arc<Message>>,
     pending: HashMap<u64, PendingTakeover>,
+    queries: HashMap<u64, PendingQuery>,
+    next_query: u64,
     started: Instant,
     started_ms: u64,
     last_heartbeat: Instant,
@@ -230,6 +266,8 @@ impl Cluster {
             route_seq: 0,
             retained: HashMap::new(),
             pending: HashMap::new(),
+            queries: HashMap::new(),
+            next_query: 1,
             started: Instant::now(),
             started_ms: now.as_millis() as u64,
             last_heartbeat: Instant::now(),
@@ -800,6 +838,8 @@ impl Cluster {
                 });
                 self.takeover_answer(token, node, export);
             }
+            Frame::Query { token, kind } => self.start_query(kind, QueryOrigin::Peer(p, token)),
+            Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
             Frame::Hello { .. } | Frame::Auth { .. } => self.mark_closed(link),
         }
     }
@@ -944,6 +984,7 @@ impl Cluster {
                 };
                 self.send(link, &frame);
             }
+            MeshMsg::QueryReply { token, rows } => self.query_rows(token, rows, None),
             _ => log::debug!("cluster: unexpected mesh message"),
         }
     }
@@ -1000,6 +1041,15 @@ impl Cluster {
             .collect();
         for t in expired {
             self.finish_takeover(t);
+        }
+        let late: Vec<u64> = self
+            .queries
+            .iter()
+            .filter(|(_, q)| q.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            self.finish_query(t);
         }
         // Links that never finished the handshake, or went silent.
         let down_after = Duration::from_millis(self.cfg.down_after_ms);
@@ -1144,6 +1194,98 @@ impl Cluster {
                 }
                 ControlCmd::Status(reply) => {
                     let _ = reply.send(Ok(self.status()));
+                }
+                ControlCmd::Query(3, reply) => {
+                    let _ = reply.send(Ok(self.routes_json()));
+                }
+                ControlCmd::Query(kind, reply) => self.start_query(kind, QueryOrigin::Local(reply)),
+            }
+        }
+    }
+
+    fn routes_json(&self) -> String {
+        let mut rows: Vec<String> = self
+            .local_routes
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{\"topic\":{},\"node\":{}}}",
+                    json_str(f),
+                    json_str(&self.node)
+                )
+            })
+            .collect();
+        for p in self.peers.iter().filter(|p| p.state == PeerState::Up) {
+            rows.extend(p.routes.iter().map(|f| {
+                format!(
+                    "{{\"topic\":{},\"node\":{}}}",
+                    json_str(f),
+                    json_str(&p.name)
+                )
+            }));
+        }
+        format!("[{}]", rows.join(","))
+    }
+
+    fn start_query(&mut self, kind: u8, origin: QueryOrigin) {
+        let token = self.next_query;
+        self.next_query += 1;
+        let mut peers_left = HashSet::new();
+        if matches!(origin, QueryOrigin::Local(_)) {
+            for (p, link) in self.up_links() {
+                self.send(link, &Frame::Query { token, kind });
+                peers_left.insert(p);
+            }
+        }
+        let shards = self.mesh.shards();
+        for shard in 0..shards {
+            self.mesh.send(shard, MeshMsg::Query { token, kind });
+        }
+        self.queries.insert(
+            token,
+            PendingQuery {
+                origin,
+                shards_left: shards,
+                peers_left,
+                rows: Vec::new(),
+                deadline: Instant::now() + Duration::from_secs(3),
+            },
+        );
+    }
+
+    fn query_rows(&mut self, token: u64, rows: Vec<String>, from_peer: Option<usize>) {
+        let Some(q) = self.queries.get_mut(&token) else {
+            return;
+        };
+        q.rows.extend(rows);
+        match from_peer {
+            Some(p) => {
+                q.peers_left.remove(&p);
+            }
+            None => q.shards_left = q.shards_left.saturating_sub(1),
+        }
+        if q.shards_left == 0 && q.peers_left.is_empty() {
+            self.finish_query(token);
+        }
+    }
+
+    fn finish_query(&mut self, token: u64) {
+        let Some(q) = self.queries.remove(&token) else {
+            return;
+        };
+        match q.origin {
+            QueryOrigin::Local(reply) => {
+                let _ = reply.send(Ok(format!("[{}]", q.rows.join(","))));
+            }
+            QueryOrigin::Peer(p, remote) => {
+                if let Some(link) = self.peers.get(p).and_then(|p| p.link) {
+                    self.send(
+                        link,
+                        &Frame::QueryReply {
+                            token: remote,
+                            rows: q.rows,
+                        },
+                    );
                 }
             }
         }

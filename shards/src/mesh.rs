@@ -128,6 +128,10 @@ pub enum MeshMsg {
     },
     /// Cluster → the shard holding a CONNECT: what other nodes had for this client.
     SessionImport(Box<SessionExport>),
+    /// Cluster → every shard: list this shard's clients (`kind` 1) or subscriptions (2).
+    Query { token: u64, kind: u8 },
+    /// Shard → cluster: the rows of a `Query`, one JSON object each.
+    QueryReply { token: u64, rows: Vec<String> },
 }
 
 /// A session leaving one node for another (its connection has been closed).

@@ -2165,11 +2165,17 @@ impl Shard {
                 at_ms,
             } => self.on_remote_takeover(client_id, want_session, token, node, at_ms),
             MeshMsg::SessionImport(e) => self.on_session_import(*e),
+            MeshMsg::Query { token, kind } => {
+                let rows = self.query_rows(kind);
+                let cluster = self.mesh.cluster();
+                self.mesh.send(cluster, MeshMsg::QueryReply { token, rows });
+            }
             MeshMsg::ClusterRoute { .. }
             | MeshMsg::ClusterForward { .. }
             | MeshMsg::ClusterRetain { .. }
             | MeshMsg::ClusterTakeover { .. }
-            | MeshMsg::ClusterSessionExport(_) => {
+            | MeshMsg::ClusterSessionExport(_)
+            | MeshMsg::QueryReply { .. } => {
                 debug_assert!(false, "cluster-bound message delivered to a shard");
             }
             MeshMsg::ShareLeave {
@@ -2298,6 +2304,38 @@ impl Shard {
             }
         };
         self.close(slot, Close::Error(reason));
+    }
+
+    /// Rows for the management API: this shard's clients (`kind` 1) or subscriptions (2), each
+    /// a JSON object naming the node.
+    fn query_rows(&mut self, kind: u8) -> Vec<String> {
+        use crate::cluster::json_str;
+        let node = json_str(&self.shared.cfg.node_name);
+        let mut rows = Vec::new();
+        for entry in self.sessions.iter().flatten() {
+            let s = &entry.session;
+            let id = json_str(&s.client_id);
+            match kind {
+                1 => rows.push(format!(
+                    "{{\"clientid\":{id},\"node\":{node},\"connected\":{},\"subscriptions\":{},\"inflight\":{},\"queued\":{},\"dropped\":{}}}",
+                    entry.conn.is_some(),
+                    s.subscriptions.len(),
+                    s.inflight_len(),
+                    s.queue_len(),
+                    s.dropped
+                )),
+                _ => {
+                    for sub in &s.subscriptions {
+                        rows.push(format!(
+                            "{{\"clientid\":{id},\"topic\":{},\"qos\":{},\"node\":{node}}}",
+                            json_str(&sub.filter),
+                            sub.options.qos as u8
+                        ));
+                    }
+                }
+            }
+        }
+        rows
     }
 
     /// Publishes the node's counters under `$SYS/brokers/<node>/` (as EMQX does, not retained).

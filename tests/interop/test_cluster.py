@@ -245,6 +245,27 @@ def test_shared_group_across_nodes_gets_each_message_once(cluster):
         c.close()
 
 
+def test_any_node_lists_clients_subscriptions_and_routes_of_the_whole_cluster(cluster):
+    n1, n2, n3 = cluster
+    topic = f"list/{secrets.token_hex(3)}"
+    a = Client(n1.broker, "list-a")
+    a.connect()
+    a.subscribe(topic + "/a", 1)
+    b = Client(n2.broker, "list-b")
+    b.connect()
+    b.subscribe(topic + "/b", 0)
+    settle()
+    clients = {c["clientid"]: c for c in n3.ctl("clients")}
+    assert clients[a.id]["node"] == n1.name and clients[a.id]["connected"]
+    assert clients[b.id]["node"] == n2.name
+    subs = {(s["clientid"], s["topic"], s["node"]) for s in n3.ctl("subscriptions")}
+    assert (a.id, topic + "/a", n1.name) in subs and (b.id, topic + "/b", n2.name) in subs
+    routes = {(r["topic"], r["node"]) for r in n3.ctl("routes")}
+    assert (topic + "/a", n1.name) in routes and (topic + "/b", n2.name) in routes
+    a.close()
+    b.close()
+
+
 def test_killed_node_is_marked_down_and_rejoins_with_its_routes(cluster):
     n1, n2, n3 = cluster
     kill(n3.broker)
