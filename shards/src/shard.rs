@@ -2279,7 +2279,9 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;
         };
-        if conn.timer_ms <= now {
+        // The wheel fires a token anywhere within its tick, possibly a little before the time
+        // it was scheduled for: a token of this tick is the one `timer_ms` stands for.
+        if conn.timer_ms / TICK_MS <= now / TICK_MS {
             conn.timer_ms = u64::MAX;
         }
         if conn.deadline_ms == u64::MAX {
