@@ -223,6 +223,24 @@ fn counters(shared: &NodeShared) -> Vec<(&'static str, &'static str, i64, bool)>
             c(&m.cluster_link_writes),
             true,
         ),
+        (
+            "cluster_dropped_total",
+            "Forwarded QoS 0 messages dropped on a full link",
+            c(&m.cluster_dropped),
+            true,
+        ),
+        (
+            "cluster_backpressure_total",
+            "Times a shard paused its clients for a full link",
+            c(&m.cluster_backpressure),
+            true,
+        ),
+        (
+            "cluster_paused_shards",
+            "Shards paused by cluster backpressure",
+            m.cluster_paused_shards.load(Ordering::Relaxed),
+            false,
+        ),
     ]
 }
 

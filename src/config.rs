@@ -335,6 +335,7 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         discovery,
         heartbeat_ms: int(t, "cluster.heartbeat_ms", 50, 60_000)? as u64,
         down_after_ms: int(t, "cluster.down_after_ms", 100, 600_000)? as u64,
+        link_buffer_bytes: int(t, "cluster.link_buffer_bytes", 65_536, 1 << 34)? as usize,
         data_dir: string(t, "node.data_dir").into(),
     };
     let broker = BrokerConfig {

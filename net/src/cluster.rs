@@ -97,6 +97,9 @@ pub enum Frame {
     Query { token: u64, kind: u8 },
     /// The receiver's answer: one JSON object per row.
     QueryReply { token: u64, rows: Vec<String> },
+    /// Sent by the dialler right after its `Hello`: this link carries `Publish` frames from
+    /// the dialler's shard `shard`, and is handed to a shard on both sides once authenticated.
+    DataLink { shard: u16 },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -158,6 +161,7 @@ impl Frame {
             Frame::SessionTransfer { .. } => 12,
             Frame::Query { .. } => 13,
             Frame::QueryReply { .. } => 14,
+            Frame::DataLink { .. } => 15,
         }
     }
 
@@ -263,6 +267,7 @@ impl Frame {
                     put_str(out, r);
                 }
             }
+            Frame::DataLink { shard } => out.put_u16(*shard),
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -294,6 +299,11 @@ impl<'a> Cursor<'a> {
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
         Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, FrameError> {
         Ok(u32::from_be_bytes(
@@ -442,6 +452,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             }
             Frame::QueryReply { token, rows }
         }
+        15 => Frame::DataLink { shard: c.u16()? },
         _ => return Err(FrameError::Malformed("unknown frame type")),
     };
     if c.pos != body.len() {
@@ -499,6 +510,20 @@ impl FrameReader {
         let frame = decode_body(avail[4], &avail[5..4 + len])?;
         self.pos += 4 + len;
         Ok(Some(frame))
+    }
+
+    /// Bytes received but not yet returned as frames; the reader is empty afterwards. Used
+    /// when a link's socket moves to another thread mid-stream.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.pos);
+        self.buf.clear();
+        self.pos = 0;
+        rest
+    }
+
+    /// True when no received byte waits to be decoded.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
     }
 
     fn compact(&mut self) {
@@ -597,6 +622,7 @@ mod tests {
                 token: 5,
                 rows: vec!["{}".into()],
             },
+            Frame::DataLink { shard: 3 },
         ];
         let mut out = BytesMut::new();
         for f in &frames {
@@ -611,6 +637,25 @@ mod tests {
             }
         }
         assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn buffered_bytes_move_with_the_socket() {
+        let mut out = BytesMut::new();
+        Frame::Auth { digest: 1 }.encode(&mut out);
+        Frame::DataLink { shard: 2 }.encode(&mut out);
+        let mut r = FrameReader::default();
+        r.extend(&out[..out.len() - 1]);
+        assert_eq!(r.next_frame().unwrap(), Some(Frame::Auth { digest: 1 }));
+        let rest = r.take_buffered();
+        assert!(r.is_empty());
+        let mut moved = FrameReader::default();
+        moved.extend(&rest);
+        moved.extend(&out[out.len() - 1..]);
+        assert_eq!(
+            moved.next_frame().unwrap(),
+            Some(Frame::DataLink { shard: 2 })
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The cluster endpoint: one thread per node that keeps a link to every other node, replicates
-//! this node's routes and retained messages to them, forwards messages, and carries client-id
-//! takeovers and session transfers.
+//! The cluster endpoint: one thread per node that keeps a control link to every other node,
+//! replicates this node's routes and retained messages to them, and carries client-id
+//! takeovers, session transfers and management queries.
 //!
-//! It is the last endpoint of the mesh, so shards talk to it exactly as to each other. Links
-//! are plain non-blocking TCP sockets driven by `poll(2)` together with the endpoint's
-//! doorbell; all frames for a peer produced in one turn leave in one `writev`, payloads written
-//! straight from their `Bytes`.
+//! It is the last endpoint of the mesh, so shards talk to it exactly as to each other. Control
+//! links are plain non-blocking TCP sockets driven by `poll(2)` together with the endpoint's
+//! doorbell. Messages do not pass through here: when a peer comes up, this thread dials one
+//! *data link* per local shard to it, authenticates each, and hands the socket to its shard
+//! (see [`crate::link`]); the peer hands the accepting end to one of its shards. A data link
+//! that fails takes the peer down, and everything is set up anew when it is back.
 //!
 //! Each node is the only writer of its own routes: the home shard of a filter reports when the
 //! node gains or loses its last subscriber for it, this thread numbers the change and sends it
@@ -18,8 +20,7 @@ use crate::metrics::Metrics;
 use crate::shard::home_shard;
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{
-    cookie_digest, encode_publish_head, Frame, FrameReader, WireMessage, WireSubscription,
-    CLUSTER_PROTOCOL_VERSION,
+    cookie_digest, Frame, FrameReader, WireMessage, WireSubscription, CLUSTER_PROTOCOL_VERSION,
 };
 use shardmq_net::codec::{decode_message_properties, encode_message_properties};
 use shardmq_net::QoS;
@@ -40,8 +41,6 @@ pub const DEFAULT_PORT: u16 = 4370;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a node waits for the other nodes' sessions before answering a resuming CONNECT.
 const SESSION_WAIT: Duration = Duration::from_secs(3);
-/// Output queued for one peer beyond which forwarded QoS 0 messages are dropped (counted).
-const LINK_QOS0_DROP_BYTES: usize = 64 * 1024 * 1024;
 
 /// How a node finds its peers at start-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +65,9 @@ pub struct ClusterConfig {
     pub down_after_ms: u64,
     /// Where the member list is kept across restarts.
     pub data_dir: PathBuf,
+    /// Bytes a shard queues on its link to one peer before it drops QoS 0 and pauses its
+    /// clients (backpressure).
+    pub link_buffer_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -77,6 +79,7 @@ impl Default for ClusterConfig {
             heartbeat_ms: 1000,
             down_after_ms: 5000,
             data_dir: PathBuf::from("./data"),
+            link_buffer_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -151,6 +154,8 @@ struct Peer {
     connections: u64,
     routes: HashSet<String>,
     route_seq: u64,
+    /// Bumped each time the peer comes up; data links carry it.
+    epoch: u32,
 }
 
 /// One TCP connection to a peer, before or after the handshake.
@@ -167,6 +172,13 @@ struct Link {
     started: Instant,
     last_rx: Instant,
     closed: bool,
+    /// A data link: the dialling node's shard it carries frames from.
+    data_shard: Option<u16>,
+    /// We dialled this data link (it becomes our shard's outbound link).
+    data_out: bool,
+    /// An authenticated inbound data link waiting for its peer's control link to come up;
+    /// not read meanwhile.
+    data_waiting: bool,
 }
 
 /// A resuming CONNECT waiting for the other nodes' answers.
@@ -331,7 +343,7 @@ impl Cluster {
             });
         }
         for link in self.links.iter().flatten() {
-            let mut events = libc::POLLIN;
+            let mut events = if link.data_waiting { 0 } else { libc::POLLIN };
             if !link.out.is_empty() {
                 events |= libc::POLLOUT;
             }
@@ -391,6 +403,9 @@ impl Cluster {
             started: Instant::now(),
             last_rx: Instant::now(),
             closed: false,
+            data_shard: None,
+            data_out: false,
+            data_waiting: false,
         };
         let idx = match self.links.iter().position(|l| l.is_none()) {
             Some(i) => {
@@ -425,9 +440,8 @@ impl Cluster {
     fn read_links(&mut self) {
         let mut buf = vec![0u8; 64 * 1024];
         for i in 0..self.links.len() {
-            let mut frames = Vec::new();
             let mut error = None;
-            if let Some(link) = self.links[i].as_mut() {
+            if let Some(link) = self.links[i].as_mut().filter(|l| !l.data_waiting) {
                 loop {
                     match link.stream.read(&mut buf) {
                         Ok(0) => {
@@ -446,24 +460,24 @@ impl Cluster {
                         }
                     }
                 }
-                loop {
-                    match link.reader.next_frame() {
-                        Ok(Some(f)) => frames.push(f),
-                        Ok(None) => break,
-                        Err(e) => {
-                            log::warn!(
-                                "cluster: bad frame from {}: {e}; closing link",
-                                link.peer_addr
-                            );
-                            error = Some(e.to_string());
-                            break;
-                        }
-                    }
-                }
             }
-            for f in frames {
-                if self.links[i].as_ref().is_some_and(|l| !l.closed) {
-                    self.on_frame(i, f);
+            // One frame at a time: a frame can hand the socket (and the bytes after it) to a
+            // shard, or park it.
+            while let Some(link) = self.links[i]
+                .as_mut()
+                .filter(|l| !l.closed && !l.data_waiting)
+            {
+                match link.reader.next_frame() {
+                    Ok(Some(f)) => self.on_frame(i, f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::warn!(
+                            "cluster: bad frame from {}: {e}; closing link",
+                            link.peer_addr
+                        );
+                        error = Some(e.to_string());
+                        break;
+                    }
                 }
             }
             if let Some(e) = error {
@@ -538,6 +552,14 @@ impl Cluster {
         let Some(p) = self.peer_index(&name) else {
             return;
         };
+        if link.data_out && self.peers[p].state == PeerState::Up {
+            // Our shard's link to this peer could not be set up: start over with the peer.
+            log::warn!("cluster: data link to {name} failed ({why})");
+            if let Some(control) = self.peers[p].link {
+                self.close_link(control, "a data link failed");
+            }
+            return;
+        }
         if self.peers[p].link == Some(idx) {
             self.peers[p].link = None;
             if self.peers[p].state == PeerState::Up {
@@ -586,6 +608,7 @@ impl Cluster {
             connections: 0,
             routes: HashSet::new(),
             route_seq: 0,
+            epoch: 0,
         });
         Some(self.peers.len() - 1)
     }
@@ -628,8 +651,22 @@ impl Cluster {
                     self.mark_closed(link);
                     return;
                 }
-                self.links[link].as_mut().expect("checked above").authed = true;
-                self.link_up(link);
+                let l = self.links[link].as_mut().expect("checked above");
+                l.authed = true;
+                if l.data_shard.is_some() {
+                    self.data_link_ready(link);
+                } else {
+                    self.link_up(link);
+                }
+            }
+            Frame::DataLink { shard } => {
+                let l = self.links[link].as_mut().expect("checked above");
+                if !hello_seen || authed || l.data_shard.is_some() {
+                    log::warn!("cluster: unexpected data-link frame; closing link");
+                    self.mark_closed(link);
+                    return;
+                }
+                l.data_shard = Some(shard);
             }
             _ if !authed => {
                 log::warn!("cluster: frame before handshake; closing link");
@@ -673,6 +710,7 @@ impl Cluster {
         self.peers[p].state = PeerState::Up;
         self.peers[p].link = Some(link);
         self.peers[p].routes.clear();
+        self.peers[p].epoch = self.peers[p].epoch.wrapping_add(1);
         self.control.peers_up.fetch_add(1, Ordering::Relaxed);
         self.save_members();
         let members = self.member_list();
@@ -686,6 +724,86 @@ impl Cluster {
             self.send(link, &Frame::Retain { msg });
         }
         self.send_heartbeat(link);
+        // Our shards' data links to it, and its data links that arrived before this one.
+        for shard in 0..self.mesh.shards() {
+            match self.dial(&addr) {
+                Ok(d) => {
+                    self.send(
+                        d,
+                        &Frame::DataLink {
+                            shard: shard as u16,
+                        },
+                    );
+                    let l = self.links[d].as_mut().expect("just dialled");
+                    l.data_shard = Some(shard as u16);
+                    l.data_out = true;
+                    l.peer_name = Some(name.clone());
+                }
+                Err(e) => {
+                    log::warn!("cluster: cannot open a data link to {name}: {e}");
+                    self.mark_closed(link);
+                    return;
+                }
+            }
+        }
+        let waiting: Vec<usize> = (0..self.links.len())
+            .filter(|&i| {
+                self.links[i].as_ref().is_some_and(|l| {
+                    l.data_waiting && l.peer_name.as_deref() == Some(name.as_str())
+                })
+            })
+            .collect();
+        for i in waiting {
+            self.data_link_ready(i);
+        }
+    }
+
+    /// An authenticated data link: hand it to its shard once its peer is up (an inbound one
+    /// may arrive before the peer's control link is up here; it waits, unread).
+    fn data_link_ready(&mut self, link: usize) {
+        let (name, shard, outbound) = {
+            let l = self.links[link].as_ref().expect("link exists");
+            (
+                l.peer_name.clone().expect("hello seen"),
+                l.data_shard.expect("a data link"),
+                l.data_out,
+            )
+        };
+        let peer = self
+            .peer_index(&name)
+            .filter(|&p| self.peers[p].state == PeerState::Up);
+        let Some(p) = peer else {
+            if outbound {
+                self.mark_closed(link);
+            } else if let Some(l) = self.links[link].as_mut() {
+                l.data_waiting = true;
+            }
+            return;
+        };
+        let mut l = self.links[link].take().expect("link exists");
+        let _ = l.stream.set_nodelay(true);
+        // What the handshake left unwritten goes out first, from the shard.
+        let unsent: Vec<Bytes> = l.out.drain(..).collect();
+        let received = l.reader.take_buffered();
+        let target = if outbound {
+            shard as usize
+        } else {
+            shard as usize % self.mesh.shards()
+        };
+        let attach = crate::mesh::LinkAttach {
+            node: p as u8,
+            epoch: self.peers[p].epoch,
+            fd: std::os::fd::OwnedFd::from(l.stream),
+            outbound,
+            unsent,
+            received,
+        };
+        log::debug!(
+            "cluster: data link {} {name} (shard {shard}) goes to shard {target}",
+            if outbound { "to" } else { "from" }
+        );
+        self.mesh
+            .send(target, MeshMsg::LinkAttach(Box::new(attach)));
     }
 
     fn member_list(&self) -> Vec<(String, String)> {
@@ -767,22 +885,12 @@ impl Cluster {
                 self.peers[p].routes = new;
                 self.peers[p].route_seq = seq;
             }
-            Frame::Publish {
-                msg,
-                normal,
-                shared,
-            } => {
-                let Some(msg) = from_wire(msg) else { return };
-                let shard = home_shard(&msg.publisher, self.mesh.shards());
-                let shared = shared.into_iter().map(Arc::from).collect();
-                self.mesh.send(
-                    shard,
-                    MeshMsg::RemotePublish {
-                        msg,
-                        normal,
-                        shared,
-                    },
+            Frame::Publish { .. } => {
+                log::warn!(
+                    "cluster: {} sent a message on its control link; closing it",
+                    self.peers[p].name
                 );
+                self.mark_closed(link);
             }
             Frame::Retain { msg } => {
                 let Some(msg) = from_wire(msg) else { return };
@@ -840,7 +948,9 @@ impl Cluster {
             }
             Frame::Query { token, kind } => self.start_query(kind, QueryOrigin::Peer(p, token)),
             Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
-            Frame::Hello { .. } | Frame::Auth { .. } => self.mark_closed(link),
+            Frame::Hello { .. } | Frame::Auth { .. } | Frame::DataLink { .. } => {
+                self.mark_closed(link)
+            }
         }
     }
 
@@ -896,31 +1006,15 @@ impl Cluster {
                     self.send(link, &frame);
                 }
             }
-            MeshMsg::ClusterForward { msg, nodes, shared } => {
-                let wire = to_wire(&msg);
-                for (p, link) in self.up_links() {
-                    let normal = nodes & (1u64 << p) != 0;
-                    let keys: Vec<String> = shared
-                        .iter()
-                        .filter(|(_, n)| *n as usize == p)
-                        .map(|(k, _)| k.to_string())
-                        .collect();
-                    if !normal && keys.is_empty() {
-                        continue;
-                    }
-                    let backlog = self.links[link].as_ref().map(|l| l.out_bytes).unwrap_or(0);
-                    if msg.qos == QoS::AtMostOnce && backlog > LINK_QOS0_DROP_BYTES {
-                        Metrics::add(&self.metrics.metrics.messages_dropped, 1);
-                        continue;
-                    }
-                    Metrics::add(&self.metrics.metrics.cluster_forwarded, 1);
-                    encode_publish_head(&wire, normal, &keys, &mut self.scratch);
-                    let head = self.scratch.split().freeze();
-                    if let Some(l) = self.links[link].as_mut() {
-                        l.out_bytes += head.len() + wire.payload.len();
-                        l.out.push_back(head);
-                        l.out.push_back(wire.payload.clone());
-                    }
+            MeshMsg::ClusterLinkLost { node, epoch } => {
+                let p = node as usize;
+                let current = self
+                    .peers
+                    .get(p)
+                    .filter(|peer| peer.state == PeerState::Up && peer.epoch == epoch)
+                    .and_then(|peer| peer.link);
+                if let Some(control) = current {
+                    self.close_link(control, "a data link was lost");
                 }
             }
             MeshMsg::ClusterRetain { msg } => {

@@ -42,8 +42,9 @@ pub struct Conn {
     pub write_blocked: bool,
     /// Listed in the shard's flush list for this turn.
     pub dirty: bool,
-    /// The multishot receive has ended (e.g. no pool buffer) and must be re-armed.
-    pub recv_needs_arm: bool,
+    /// Reading is paused (cluster backpressure): no receive is armed, and bytes that were
+    /// already received wait in `partial`.
+    pub parked: bool,
     /// When the connection times out (connect timeout, then 1.5 x keep-alive), in shard ms.
     pub deadline_ms: u64,
     /// Keep-alive window in ms (1.5 x the negotiated keep-alive), 0 = none.
@@ -88,7 +89,7 @@ impl Conn {
             out_bytes: 0,
             write_blocked: false,
             dirty: false,
-            recv_needs_arm: false,
+            parked: false,
             deadline_ms,
             keepalive_ms: 0,
             timer_ms: u64::MAX,
@@ -123,48 +124,66 @@ impl Conn {
     /// Writes as much queued output as the socket takes. Ok(true) when all was written,
     /// Ok(false) when the socket is full (wait for POLLOUT).
     pub fn flush(&mut self) -> io::Result<bool> {
-        while !self.out.is_empty() {
-            let mut iov: [libc::iovec; IOV_MAX] = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_MAX];
-            let n = self.out.len().min(IOV_MAX);
-            for (slot, b) in iov.iter_mut().zip(self.out.iter()) {
-                slot.iov_base = b.as_ptr() as *mut libc::c_void;
-                slot.iov_len = b.len();
-            }
-            // SAFETY: iov points into Bytes held by self.out for the duration of the call.
-            let written =
-                unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
-            if written < 0 {
-                let err = io::Error::last_os_error();
-                return match err.kind() {
-                    io::ErrorKind::WouldBlock => Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(err),
-                };
-            }
-            let mut left = written as usize;
-            self.out_bytes -= left;
-            while left > 0 {
-                let front = self
-                    .out
-                    .front_mut()
-                    .expect("kernel wrote no more than queued");
-                if front.len() <= left {
-                    left -= front.len();
-                    self.out.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
-                }
-            }
+        let mut writes = 0;
+        if !write_queue::<IOV_MAX>(
+            self.fd.as_raw_fd(),
+            &mut self.out,
+            &mut self.out_bytes,
+            &mut writes,
+        )? {
+            return Ok(false);
         }
         // Give back the deque's buffer so an idle connection holds none (MQTT connections are
         // idle most of the time; a small malloc per busy turn is cheaper than 144 B each).
         self.out = VecDeque::new();
         Ok(true)
     }
+}
+
+/// Writes queued buffers to `fd` with `writev`, up to `N` per call, until the queue is empty
+/// (Ok(true)) or the socket is full (Ok(false)); counts the calls in `writes`. Shared by client
+/// connections and cluster links.
+pub fn write_queue<const N: usize>(
+    fd: RawFd,
+    out: &mut VecDeque<Bytes>,
+    out_bytes: &mut usize,
+    writes: &mut u64,
+) -> io::Result<bool> {
+    while !out.is_empty() {
+        let mut iov: [libc::iovec; N] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; N];
+        let n = out.len().min(N);
+        *writes += 1;
+        for (slot, b) in iov.iter_mut().zip(out.iter()) {
+            slot.iov_base = b.as_ptr() as *mut libc::c_void;
+            slot.iov_len = b.len();
+        }
+        // SAFETY: iov points into Bytes held by `out` for the duration of the call.
+        let written = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+        if written < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(false),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(err),
+            };
+        }
+        let mut left = written as usize;
+        *out_bytes -= left;
+        while left > 0 {
+            let front = out.front_mut().expect("kernel wrote no more than queued");
+            if front.len() <= left {
+                left -= front.len();
+                out.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Connections of a shard, addressed by slot and generation so stale completions are ignored.

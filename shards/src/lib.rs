@@ -9,12 +9,14 @@
 //! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
 //! - [`shared`]: shared subscription groups and member picking.
 //! - [`mesh`]: the only way shards talk to each other.
-//! - [`cluster`]: the node's links to other nodes (routes, forwarding, takeover).
+//! - [`cluster`]: the node's control links to other nodes (membership, routes, takeover).
+//! - [`link`]: a shard's data links to other nodes (batched forwarding, backpressure).
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod link;
 pub mod mesh;
 pub mod message;
 pub mod metrics;

@@ -80,13 +80,6 @@ pub enum MeshMsg {
     /// Shard → cluster: this node gained (`add`) or lost its last subscriber of `filter`
     /// (ordinary filter or shared group key); sent by the filter's home shard only.
     ClusterRoute { filter: Arc<str>, add: bool },
-    /// Shard → cluster: forward `msg` to the nodes in `nodes` (bit = node index) for their
-    /// ordinary subscribers, and to the node chosen for each shared group in `shared`.
-    ClusterForward {
-        msg: Arc<Message>,
-        nodes: u64,
-        shared: Vec<(Arc<str>, u8)>,
-    },
     /// Shard → cluster: a retained message was set or cleared (empty payload) on this node.
     ClusterRetain { msg: Arc<Message> },
     /// Shard → cluster: `client_id` connected here; close it elsewhere. With `want_session`,
@@ -101,13 +94,12 @@ pub enum MeshMsg {
     },
     /// Shard → cluster: the answer to a remote takeover.
     ClusterSessionExport(Box<SessionExport>),
-    /// Cluster → shard: a message forwarded by another node; route it to local subscribers
-    /// only (`normal`) and to the local members of the shared groups in `shared`.
-    RemotePublish {
-        msg: Arc<Message>,
-        normal: bool,
-        shared: Vec<Arc<str>>,
-    },
+    /// Cluster → shard: an authenticated data link to or from node `node` is now this
+    /// shard's to drive.
+    LinkAttach(Box<LinkAttach>),
+    /// Shard → cluster: a data link with `node` failed; the peer is treated as down (and
+    /// re-synced when it is back).
+    ClusterLinkLost { node: u8, epoch: u32 },
     /// Cluster → every shard: node `node` has (or no longer has) subscribers for `filter`.
     NodeRoute {
         filter: Arc<str>,
@@ -145,6 +137,20 @@ pub struct SessionExport {
     pub subscriptions: Vec<(Arc<str>, u8, u32)>,
     /// In-flight then queued messages, oldest first.
     pub messages: Vec<Arc<Message>>,
+}
+
+/// A cluster data link moving from the cluster thread, which set it up, to a shard.
+pub struct LinkAttach {
+    pub node: u8,
+    /// Which time the peer came up; a loss reported for an older epoch is stale.
+    pub epoch: u32,
+    pub fd: OwnedFd,
+    /// This shard's link to `node` (true), or one of `node`'s shards' links to us.
+    pub outbound: bool,
+    /// Handshake bytes not yet written; they go out first.
+    pub unsent: Vec<bytes::Bytes>,
+    /// Bytes received after the handshake, not yet decoded.
+    pub received: Vec<u8>,
 }
 
 /// A client socket moving to the shard that owns its client id (its home shard).

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub cluster_forwarded: AtomicU64,
     /// `writev` calls on cluster links (forwarded / this = messages per link write).
     pub cluster_link_writes: AtomicU64,
+    /// Forwarded QoS 0 messages dropped because a link to a peer was full.
+    pub cluster_dropped: AtomicU64,
+    /// Times a shard paused reading its clients because a link to a peer was full.
+    pub cluster_backpressure: AtomicU64,
+    /// Shards currently paused by cluster backpressure (a gauge).
+    pub cluster_paused_shards: AtomicI64,
 }
 
 impl Metrics {

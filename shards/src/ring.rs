@@ -29,6 +29,10 @@ pub enum Token {
     Writable { slot: u32, gen: u32 },
     /// The mesh doorbell eventfd was rung.
     Doorbell,
+    /// Receive on a cluster data link of the given slot and generation.
+    LinkRecv { slot: u32, gen: u32 },
+    /// A cluster data link became writable again.
+    LinkWritable { slot: u32, gen: u32 },
     /// Completions we do not act on (cancellations).
     Ignore,
 }
@@ -44,6 +48,8 @@ impl Token {
             Token::Writable { slot, gen } => (3, slot, gen),
             Token::Doorbell => (4, 0, 0),
             Token::Ignore => (5, 0, 0),
+            Token::LinkRecv { slot, gen } => (6, slot, gen),
+            Token::LinkWritable { slot, gen } => (7, slot, gen),
         };
         (kind << 56) | ((gen as u64 & Self::GEN_MASK) << 32) | slot as u64
     }
@@ -57,6 +63,8 @@ impl Token {
             2 => Token::Recv { slot, gen },
             3 => Token::Writable { slot, gen },
             4 => Token::Doorbell,
+            6 => Token::LinkRecv { slot, gen },
+            7 => Token::LinkWritable { slot, gen },
             _ => Token::Ignore,
         }
     }
@@ -242,17 +250,36 @@ impl Ring {
 
     /// Arms multishot receive into pool buffers.
     pub fn recv_multi(&mut self, fd: RawFd, slot: u32, gen: u32) {
+        self.recv_multi_as(fd, Token::Recv { slot, gen });
+    }
+
+    /// Arms multishot receive into pool buffers, completing with `token`.
+    pub fn recv_multi_as(&mut self, fd: RawFd, token: Token) {
         let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP)
             .build()
-            .user_data(Token::Recv { slot, gen }.encode());
+            .user_data(token.encode());
         self.push(e);
     }
 
     /// Asks for one completion when `fd` becomes writable.
     pub fn poll_writable(&mut self, fd: RawFd, slot: u32, gen: u32) {
+        self.poll_writable_as(fd, Token::Writable { slot, gen });
+    }
+
+    /// Asks for one completion, with `token`, when `fd` becomes writable.
+    pub fn poll_writable_as(&mut self, fd: RawFd, token: Token) {
         let e = opcode::PollAdd::new(Fd(fd), libc::POLLOUT as u32)
             .build()
-            .user_data(Token::Writable { slot, gen }.encode());
+            .user_data(token.encode());
+        self.push(e);
+    }
+
+    /// Cancels the pending operation submitted with `token` (its completion then reports
+    /// ECANCELED, after any data it had already received).
+    pub fn cancel(&mut self, token: Token) {
+        let e = opcode::AsyncCancel::new(token.encode())
+            .build()
+            .user_data(Token::Ignore.encode());
         self.push(e);
     }
 
@@ -335,6 +362,8 @@ mod tests {
             },
             Token::Doorbell,
             Token::Ignore,
+            Token::LinkRecv { slot: 1, gen: 2 },
+            Token::LinkWritable { slot: 9, gen: 8 },
         ] {
             assert_eq!(Token::decode(t.encode()), t);
         }

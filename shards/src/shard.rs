@@ -10,9 +10,12 @@
 //! arrives on another shard is handed over with its bytes, so a client id is only ever looked
 //! up, taken over or resumed on one thread and takeover needs no cross-shard protocol.
 
+use crate::cluster::{from_wire, to_wire};
 use crate::config::BrokerConfig;
+use crate::conn::write_queue;
 use crate::conn::{Conn, ConnSlab, ConnState};
-use crate::mesh::{Handoff, MeshEndpoint, MeshMsg, SessionExport};
+use crate::link::{Links, LINK_IOV_MAX};
+use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::ring::{Completion, Ring, Token};
@@ -24,6 +27,7 @@ use crate::topic::{self, TopicError};
 use crate::topic_index::TopicIndex;
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
+use shardmq_net::cluster::{encode_publish_head, Frame};
 use shardmq_net::{
     decode, encode, encode_publish_header_parts, ConnAck, Connect, DecodeError, Disconnect, Packet,
     Properties, Protocol, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
@@ -175,6 +179,12 @@ pub struct Shard {
     next_token: u64,
     next_client_seq: u64,
     flush_list: Vec<u32>,
+    /// Data links to and from other nodes.
+    links: Links,
+    /// Reading clients is paused because a link to a peer is full (backpressure).
+    paused: bool,
+    /// Connections whose reading was paused, to resume when the links drain.
+    parked: Vec<(u32, u32)>,
     scratch: BytesMut,
     doorbell_counter: Box<u64>,
     epoch: Instant,
@@ -223,6 +233,9 @@ impl Shard {
             next_token: 1,
             next_client_seq: 0,
             flush_list: Vec::new(),
+            links: Links::default(),
+            paused: false,
+            parked: Vec::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
             doorbell_counter: Box::new(0),
             epoch,
@@ -264,8 +277,13 @@ impl Shard {
                 self.on_timer(t);
             }
             self.flush_conns();
+            self.flush_links();
             let backlog = self.mesh.flush();
-            let wait = !busy && !backlog && self.flush_list.is_empty() && self.mesh.park();
+            let wait = !busy
+                && !backlog
+                && self.flush_list.is_empty()
+                && self.links.dirty.is_empty()
+                && self.mesh.park();
             self.ring
                 .submit_and_collect(wait, Duration::from_millis(TICK_MS), &mut completions)?;
             if wait {
@@ -294,6 +312,13 @@ impl Shard {
                 }
             }
             Token::Doorbell => self.arm_doorbell(),
+            Token::LinkRecv { slot, gen } => self.on_link_recv(slot, gen, c),
+            Token::LinkWritable { slot, gen } => {
+                if let Some(link) = self.links.get_mut(slot, gen) {
+                    link.write_blocked = false;
+                    self.links.dirty.push(slot);
+                }
+            }
             Token::Ignore => {}
         }
     }
@@ -353,6 +378,22 @@ impl Shard {
             }
             return;
         }
+        if c.result > 0 && self.paused && self.park(slot, gen, c.more()) {
+            // Cluster backpressure: keep what already arrived, read no more.
+            let len = c.result as usize;
+            Metrics::add(&self.shared.metrics.bytes_received, len as u64);
+            if let Some(bid) = bid {
+                let data = self.ring.buffer(bid, len).to_vec();
+                if let Some(conn) = self.conns.get_mut(slot, gen) {
+                    conn.partial.extend_from_slice(&data);
+                    if conn.keepalive_ms > 0 {
+                        conn.deadline_ms = self.now_ms + conn.keepalive_ms;
+                    }
+                }
+                self.ring.recycle(bid);
+            }
+            return;
+        }
         if c.result > 0 {
             let len = c.result as usize;
             Metrics::add(&self.shared.metrics.bytes_received, len as u64);
@@ -365,6 +406,11 @@ impl Shard {
                 self.ring.recycle(bid);
             }
         } else if c.result == 0 {
+            if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
+                // What a paused client sent before it closed still counts (a DISCONNECT
+                // among it keeps its will from being published).
+                self.on_bytes(slot, gen, &[]);
+            }
             self.close(slot, Close::Abnormal);
             return;
         } else if c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED {
@@ -377,7 +423,7 @@ impl Shard {
             return;
         }
         if !c.more() {
-            if let Some(conn) = self.conns.get_mut(slot, gen) {
+            if let Some(conn) = self.conns.get_mut(slot, gen).filter(|c| !c.parked) {
                 let fd = conn.raw_fd();
                 match conn.state {
                     ConnState::Connecting | ConnState::Resuming => {
@@ -1862,17 +1908,42 @@ impl Shard {
             }
         }
         if nodes != 0 || !remote_groups.is_empty() {
-            let cluster = self.mesh.cluster();
-            self.mesh.send(
-                cluster,
-                MeshMsg::ClusterForward {
-                    msg,
-                    nodes,
-                    shared: remote_groups,
-                },
-            );
+            self.forward(&msg, nodes, &remote_groups);
         }
         matched
+    }
+
+    /// Appends one `Publish` frame per node in `nodes` or picked for a group in `groups` to
+    /// this shard's link to that node: the frame head, then the payload as its own buffer.
+    fn forward(&mut self, msg: &Arc<Message>, nodes: u64, groups: &[(Arc<str>, u8)]) {
+        let wire = to_wire(msg);
+        let limit = self.cfg().cluster.link_buffer_bytes;
+        let mut targets = nodes;
+        for (_, n) in groups {
+            targets |= 1u64 << n;
+        }
+        while targets != 0 {
+            let node = targets.trailing_zeros() as u8;
+            targets &= targets - 1;
+            if msg.qos == QoS::AtMostOnce && self.links.backlog(node) > limit {
+                Metrics::add(&self.shared.metrics.cluster_dropped, 1);
+                Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                continue;
+            }
+            let keys: Vec<String> = groups
+                .iter()
+                .filter(|(_, n)| *n == node)
+                .map(|(k, _)| k.to_string())
+                .collect();
+            let normal = nodes & (1u64 << node) != 0;
+            encode_publish_head(&wire, normal, &keys, &mut self.scratch);
+            let head = self.scratch.split().freeze();
+            self.links.queue(node, head);
+            if !wire.payload.is_empty() {
+                self.links.queue(node, wire.payload.clone());
+            }
+            Metrics::add(&self.shared.metrics.cluster_forwarded, 1);
+        }
     }
 
     /// Delivers to this shard's matching sessions: one copy per session at the highest QoS of
@@ -2148,15 +2219,14 @@ impl Shard {
             MeshMsg::Retain { topic, msg } => self.apply_retained(topic, msg),
             MeshMsg::Handoff(h) => self.on_handoff(*h),
             MeshMsg::ShareJoin { key, member } => self.group_join(key, member),
-            MeshMsg::RemotePublish {
-                msg,
-                normal,
-                shared,
-            } => {
-                self.route_with(msg, normal, Some(shared));
-            }
+            MeshMsg::LinkAttach(a) => self.on_link_attach(*a),
             MeshMsg::NodeRoute { filter, node, add } => self.node_route(&filter, node, add),
-            MeshMsg::NodeDown { node } => self.node_down(node),
+            MeshMsg::NodeDown { node } => {
+                self.node_down(node);
+                for slot in self.links.of_node(node) {
+                    self.links.remove(slot);
+                }
+            }
             MeshMsg::RemoteTakeover {
                 client_id,
                 want_session,
@@ -2171,7 +2241,7 @@ impl Shard {
                 self.mesh.send(cluster, MeshMsg::QueryReply { token, rows });
             }
             MeshMsg::ClusterRoute { .. }
-            | MeshMsg::ClusterForward { .. }
+            | MeshMsg::ClusterLinkLost { .. }
             | MeshMsg::ClusterRetain { .. }
             | MeshMsg::ClusterTakeover { .. }
             | MeshMsg::ClusterSessionExport(_)
@@ -2286,6 +2356,10 @@ impl Shard {
         }
         if conn.deadline_ms == u64::MAX {
             return;
+        }
+        if conn.parked {
+            // Not read while paused: its keep-alive counts from when reading resumes.
+            conn.deadline_ms = now + conn.keepalive_ms.max(TICK_MS);
         }
         if conn.deadline_ms > now {
             let at = conn.deadline_ms;
@@ -2558,7 +2632,203 @@ impl Shard {
         self.route(msg);
     }
 
+    // ---------------------------------------------------------------- cluster data links
+
+    fn on_link_attach(&mut self, a: LinkAttach) {
+        let node = a.node;
+        let (slot, gen) = self
+            .links
+            .attach(node, a.epoch, a.fd, a.outbound, a.unsent, &a.received);
+        let fd = self
+            .links
+            .get_mut(slot, gen)
+            .and_then(|l| l.raw_fd())
+            .expect("attached with a socket");
+        log::debug!(
+            "shard {}: data link {} node {node} attached",
+            self.id,
+            if a.outbound { "to" } else { "from" }
+        );
+        self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+        if !a.received.is_empty() {
+            self.link_frames(slot, gen);
+        }
+    }
+
+    fn on_link_recv(&mut self, slot: u32, gen: u32, c: Completion) {
+        let bid = c.buffer();
+        let Some(link) = self.links.get_mut(slot, gen) else {
+            if let Some(bid) = bid {
+                self.ring.recycle(bid);
+            }
+            return;
+        };
+        if c.result > 0 {
+            if let Some(bid) = bid {
+                link.reader.extend(self.ring.buffer(bid, c.result as usize));
+                self.ring.recycle(bid);
+            }
+            if !self.link_frames(slot, gen) {
+                return;
+            }
+        } else if c.result == 0 || (c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED) {
+            self.link_lost(slot, "closed by peer");
+            return;
+        }
+        if !c.more() {
+            if let Some(fd) = self.links.get_mut(slot, gen).and_then(|l| l.raw_fd()) {
+                self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+            }
+        }
+    }
+
+    /// Routes every complete frame received on a link; false if the link was closed.
+    fn link_frames(&mut self, slot: u32, gen: u32) -> bool {
+        loop {
+            let Some(link) = self.links.get_mut(slot, gen) else {
+                return false;
+            };
+            let node = link.node;
+            match link.reader.next_frame() {
+                Ok(None) => return true,
+                Ok(Some(Frame::Publish {
+                    msg,
+                    normal,
+                    shared,
+                })) => {
+                    let Some(msg) = from_wire(msg) else { continue };
+                    let shared = shared.into_iter().map(Arc::from).collect();
+                    self.route_with(msg, normal, Some(shared));
+                }
+                Ok(Some(_)) => {
+                    log::warn!(
+                        "shard {}: unexpected frame on a data link from node {node}",
+                        self.id
+                    );
+                    self.link_lost(slot, "unexpected frame");
+                    return false;
+                }
+                Err(e) => {
+                    log::warn!("shard {}: bad frame from node {node}: {e}", self.id);
+                    self.link_lost(slot, "bad frame");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Drops a failed link and tells the cluster thread, which takes the peer down; its
+    /// links are set up anew when it comes back.
+    fn link_lost(&mut self, slot: u32, why: &str) {
+        let Some(link) = self.links.remove(slot) else {
+            return;
+        };
+        log::info!(
+            "shard {}: data link with node {} lost: {why}",
+            self.id,
+            link.node
+        );
+        let cluster = self.mesh.cluster();
+        self.mesh.send(
+            cluster,
+            MeshMsg::ClusterLinkLost {
+                node: link.node,
+                epoch: link.epoch,
+            },
+        );
+    }
+
+    /// Writes every link with queued frames (one `writev` per link per turn, more only when
+    /// a batch exceeds the iovec limit), then applies backpressure.
+    fn flush_links(&mut self) {
+        let dirty = std::mem::take(&mut self.links.dirty);
+        let mut writes = 0;
+        for &slot in &dirty {
+            let Some((gen, link)) = self.links.get_slot(slot) else {
+                continue;
+            };
+            let Some(fd) = link.raw_fd() else { continue };
+            if link.write_blocked || link.out.is_empty() {
+                continue;
+            }
+            match write_queue::<LINK_IOV_MAX>(fd, &mut link.out, &mut link.out_bytes, &mut writes) {
+                Ok(true) => {}
+                Ok(false) => {
+                    link.write_blocked = true;
+                    self.ring
+                        .poll_writable_as(fd, Token::LinkWritable { slot, gen });
+                }
+                Err(e) => self.link_lost(slot, &e.to_string()),
+            }
+        }
+        Metrics::add(&self.shared.metrics.cluster_link_writes, writes);
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.links.dirty.is_empty() {
+            self.links.dirty = dirty;
+        }
+        let limit = self.cfg().cluster.link_buffer_bytes;
+        if !self.paused && self.links.any_above(limit) {
+            self.paused = true;
+            Metrics::add(&self.shared.metrics.cluster_backpressure, 1);
+            self.shared
+                .metrics
+                .cluster_paused_shards
+                .fetch_add(1, Ordering::Relaxed);
+            log::debug!("shard {}: link to a peer is full; pausing clients", self.id);
+        } else if self.paused && !self.links.any_above(limit / 2) {
+            self.resume();
+        }
+    }
+
+    /// Stops reading a connection that delivered bytes while paused. Returns false for
+    /// connections that are not paused (still connecting: their CONNECT is not held up).
+    fn park(&mut self, slot: u32, gen: u32, armed: bool) -> bool {
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return false;
+        };
+        if conn.state != ConnState::Active {
+            return false;
+        }
+        if !conn.parked {
+            conn.parked = true;
+            self.parked.push((slot, gen));
+            if armed {
+                self.ring.cancel(Token::Recv { slot, gen });
+            }
+        }
+        true
+    }
+
+    /// Links drained: read the paused connections again, starting with what they had sent.
+    fn resume(&mut self) {
+        self.paused = false;
+        self.shared
+            .metrics
+            .cluster_paused_shards
+            .fetch_sub(1, Ordering::Relaxed);
+        log::debug!("shard {}: links drained; resuming clients", self.id);
+        for (slot, gen) in std::mem::take(&mut self.parked) {
+            let Some(conn) = self.conns.get_mut(slot, gen) else {
+                continue;
+            };
+            conn.parked = false;
+            let fd = conn.raw_fd();
+            let stashed = !conn.partial.is_empty();
+            self.ring.recv_multi(fd, slot, gen);
+            if stashed {
+                self.on_bytes(slot, gen, &[]);
+            }
+        }
+    }
+
     fn shutdown(&mut self) {
+        if self.paused {
+            self.shared
+                .metrics
+                .cluster_paused_shards
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         for slot in self.conns.live_slots() {
             self.close(slot, Close::Shutdown);
         }

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,14 @@ pytestmark = pytest.mark.shardmq_only
 
 
 class Node:
-    def __init__(self, workdir: Path, index: int, cookie: str = "test-cookie"):
+    def __init__(
+        self,
+        workdir: Path,
+        index: int,
+        cookie: str = "test-cookie",
+        extra: dict[str, str] | None = None,
+    ):
+        self.extra = extra or {}
         self.index = index
         self.name = f"n{index}@127.0.0.1"
         self.workdir = workdir / f"n{index}"
@@ -46,6 +55,7 @@ class Node:
                 "SHARDMQ_CLUSTER__HEARTBEAT_MS": "200",
                 "SHARDMQ_CLUSTER__DOWN_AFTER_MS": "1000",
                 "SHARDMQ_MANAGEMENT__BIND": f"127.0.0.1:{self.api_port}",
+                **self.extra,
             }
         )
 
@@ -80,6 +90,15 @@ class Node:
 
     def status(self) -> dict[str, str]:
         return {n["node"]: n["status"] for n in self.ctl("cluster", "status")["nodes"]}
+
+    def metrics(self) -> dict:
+        url = f"http://127.0.0.1:{self.api_port}/api/v5/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.broker.proc.pid}/status").read_text()
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:")))
 
     def log(self) -> str:
         return (self.workdir / "shardmq.log").read_text(errors="replace")
@@ -358,3 +377,56 @@ def test_node_with_a_wrong_cookie_cannot_join(cluster, tmp_path):
         assert n1.name not in {k for k, v in stranger.status().items() if v == "running"}
     finally:
         stop(stranger.broker)
+
+
+def test_a_stalled_peer_pauses_publishers_instead_of_growing_memory(tmp_path):
+    """Backpressure on the data links: with the peer stopped (SIGSTOP, not down), the link
+    fills, the publishing shard stops reading its clients, and memory stays bounded; when
+    the peer resumes, every acknowledged QoS 1 message arrives, in order."""
+    slow = {"SHARDMQ_CLUSTER__DOWN_AFTER_MS": "60000", "SHARDMQ_CLUSTER__HEARTBEAT_MS": "1000"}
+    a = Node(tmp_path, 1, extra={**slow, "SHARDMQ_CLUSTER__LINK_BUFFER_BYTES": "262144"}).start()
+    b = Node(tmp_path, 2, extra=slow).start()
+    try:
+        b.ctl("cluster", "join", a.addr)
+        wait_for(lambda: all_running([a, b]), what="2 running nodes")
+        topic = f"bp/{secrets.token_hex(3)}"
+        sub = Client(b.broker, "bp-sub", clean_session=False)
+        sub.connect()
+        sub.subscribe(topic, qos=1)
+        settle()
+        pub = Client(a.broker, "bp-pub")
+        pub.connect()
+        pub.publish(topic, "warm-up", qos=1)
+        assert sub.get().text == "warm-up"
+        rss_before = a.rss_kib()
+        total, size = 1200, 32 * 1024  # 37.5 MiB: more than the kernel's socket buffers hold
+        b.broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            infos = [
+                pub.publish(topic, f"{i}:".encode() + bytes(size), qos=1, wait=False)
+                for i in range(total)
+            ]
+            wait_for(lambda: a.metrics()["cluster_paused_shards"] >= 1, timeout=10,
+                     what="a paused shard on a")
+            time.sleep(1.0)
+            acked = sum(1 for i in infos if i.is_published())
+            assert acked < total, "every publish was acknowledged while the peer was stopped"
+            grown_mib = (a.rss_kib() - rss_before) / 1024
+            assert grown_mib < 16, f"a grew by {grown_mib:.1f} MiB while its peer was stopped"
+        finally:
+            b.broker.proc.send_signal(signal.SIGCONT)
+        got = [int(m.payload.split(b":", 1)[0]) for m in sub.collect(total, timeout=60)]
+        assert got == list(range(total))
+        for i in infos:
+            i.wait_for_publish(10)
+            assert i.is_published()
+        m = a.metrics()
+        assert m["cluster_paused_shards"] == 0
+        assert m["cluster_backpressure_total"] >= 1
+        assert m["cluster_dropped_total"] == 0
+        pub.close()
+        sub.close()
+    finally:
+        for n in (a, b):
+            if n.broker:
+                stop(n.broker)
