@@ -2,9 +2,12 @@
 //!
 //! Requests are rare and small, so a blocking HTTP/1.1 server (one request per connection,
 //! bounded header size and read timeout) is enough and keeps an HTTP stack off the shards.
-//! Routes: `GET /api/v5/nodes`, `GET /api/v5/metrics`, `GET /api/v5/stats`, `GET /metrics`.
+//! Routes: `GET /api/v5/nodes`, `GET /api/v5/metrics[?aggregate=true|false]`, `GET /api/v5/stats`,
+//! `GET /metrics[?mode=all_nodes_aggregated|all_nodes_unaggregated]`, the cluster commands and
+//! listings.
 
-use shardmq_shards::cluster::ControlCmd;
+use shardmq_shards::cluster::{ControlCmd, QUERY_METRICS};
+use shardmq_shards::metrics::{self, Figure};
 use shardmq_shards::NodeShared;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -53,8 +56,11 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
     let _ = started;
     let json = "application/json";
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", prometheus(shared)),
-        ("GET", "/api/v5/metrics") => ("200 OK", json, metrics_json(shared)),
+        ("GET", "/metrics") => match prometheus(shared, param(&query, "mode")) {
+            Ok(text) => ("200 OK", "text/plain; version=0.0.4", text),
+            Err(e) => reply(Err(e)),
+        },
+        ("GET", "/api/v5/metrics") => reply(metrics_json(shared, param(&query, "aggregate"))),
         ("GET", "/api/v5/stats") => ("200 OK", json, stats_json(shared)),
         ("GET", "/api/v5/nodes") | ("GET", "/api/v5/cluster") => {
             reply(cluster_cmd(shared, ControlCmd::Status))
@@ -114,6 +120,13 @@ fn parts_query(request_line: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+fn param<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
 fn reply(r: Result<String, String>) -> (&'static str, &'static str, String) {
     match r {
         Ok(body) => ("200 OK", "application/json", body),
@@ -140,132 +153,81 @@ fn cluster_cmd(
         .unwrap_or_else(|_| Err("cluster thread did not answer".into()))
 }
 
-/// (name, help, value, is_counter) for every node counter.
-fn counters(shared: &NodeShared) -> Vec<(&'static str, &'static str, i64, bool)> {
-    let m = &shared.metrics;
-    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
-    vec![
-        (
-            "connections",
-            "Live client connections",
-            m.connections.load(Ordering::Relaxed) as i64,
-            false,
-        ),
-        (
-            "subscriptions",
-            "Subscriptions held by all sessions",
-            m.subscriptions.load(Ordering::Relaxed),
-            false,
-        ),
-        (
-            "connections_total",
-            "Connections accepted since start",
-            c(&m.connections_total),
-            true,
-        ),
-        (
-            "disconnects_total",
-            "Connections closed since start",
-            c(&m.disconnects_total),
-            true,
-        ),
-        (
-            "messages_received_total",
-            "PUBLISH packets received",
-            c(&m.messages_received),
-            true,
-        ),
-        (
-            "messages_sent_total",
-            "PUBLISH packets sent",
-            c(&m.messages_sent),
-            true,
-        ),
-        (
-            "messages_dropped_total",
-            "Messages dropped (full queue, too large, expired)",
-            c(&m.messages_dropped),
-            true,
-        ),
-        (
-            "bytes_received_total",
-            "Bytes read from clients",
-            c(&m.bytes_received),
-            true,
-        ),
-        (
-            "bytes_sent_total",
-            "Bytes written to clients",
-            c(&m.bytes_sent),
-            true,
-        ),
-        (
-            "protocol_errors_total",
-            "Connections closed for bad input",
-            c(&m.protocol_errors),
-            true,
-        ),
-        (
-            "refused_total",
-            "Connections refused by a limit",
-            c(&m.refused),
-            true,
-        ),
-        (
-            "cluster_forwarded_total",
-            "Messages forwarded to other nodes",
-            c(&m.cluster_forwarded),
-            true,
-        ),
-        (
-            "cluster_link_writes_total",
-            "writev calls on cluster links",
-            c(&m.cluster_link_writes),
-            true,
-        ),
-        (
-            "cluster_dropped_total",
-            "Forwarded QoS 0 messages dropped on a full link",
-            c(&m.cluster_dropped),
-            true,
-        ),
-        (
-            "cluster_backpressure_total",
-            "Times a shard paused its clients for a full link",
-            c(&m.cluster_backpressure),
-            true,
-        ),
-        (
-            "cluster_paused_shards",
-            "Shards paused by cluster backpressure",
-            m.cluster_paused_shards.load(Ordering::Relaxed),
-            false,
-        ),
-    ]
-}
+/// Figures of one node (`Some(name)`) or the cluster's totals (`None`).
+type NodeFigures = (Option<String>, Vec<(String, i64)>);
 
-fn prometheus(shared: &NodeShared) -> String {
-    let node = &shared.cfg.node_name;
+/// Prometheus text for figures of one node (`node` label) or of the whole cluster (none).
+fn prometheus_text(rows: &[NodeFigures], help: &[Figure]) -> String {
     let mut out = String::new();
-    for (name, help, value, counter) in counters(shared) {
-        let kind = if counter { "counter" } else { "gauge" };
+    for (name, text, _, counter) in help {
+        let kind = if *counter { "counter" } else { "gauge" };
         out.push_str(&format!(
-            "# HELP shardmq_{name} {help}\n# TYPE shardmq_{name} {kind}\nshardmq_{name}{{node=\"{node}\"}} {value}\n"
+            "# HELP shardmq_{name} {text}\n# TYPE shardmq_{name} {kind}\n"
         ));
+        for (node, figures) in rows {
+            let Some((_, v)) = figures.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            match node {
+                Some(node) => out.push_str(&format!("shardmq_{name}{{node=\"{node}\"}} {v}\n")),
+                None => out.push_str(&format!("shardmq_{name} {v}\n")),
+            }
+        }
     }
     out
 }
 
-fn metrics_json(shared: &NodeShared) -> String {
-    let fields: Vec<String> = counters(shared)
-        .iter()
-        .map(|(n, _, v, _)| format!("\"{n}\":{v}"))
-        .collect();
-    format!(
-        "{{\"node\":\"{}\",{}}}",
-        shared.cfg.node_name,
-        fields.join(",")
-    )
+/// `GET /metrics`: this node by default; with `mode=all_nodes_aggregated` the cluster's
+/// totals, with `mode=all_nodes_unaggregated` every node (as EMQX's Prometheus modes).
+fn prometheus(shared: &NodeShared, mode: Option<&str>) -> Result<String, String> {
+    let help = shared.metrics.figures();
+    let own = || {
+        let figures = help
+            .iter()
+            .map(|(n, _, v, _)| (n.to_string(), *v))
+            .collect();
+        vec![(Some(shared.cfg.node_name.clone()), figures)]
+    };
+    let rows = match mode {
+        None | Some("node") => own(),
+        Some("all_nodes_aggregated") => vec![(None, metrics::aggregate(&node_rows(shared)?).1)],
+        Some("all_nodes_unaggregated") => node_rows(shared)?
+            .iter()
+            .filter_map(|r| metrics::parse_json(r))
+            .map(|(node, figures)| (Some(node), figures))
+            .collect(),
+        Some(other) => return Err(format!("unknown mode {other:?}")),
+    };
+    Ok(prometheus_text(&rows, &help))
+}
+
+/// Every node's figures (one JSON object per node), gathered through the cluster thread.
+fn node_rows(shared: &NodeShared) -> Result<Vec<String>, String> {
+    let list = cluster_cmd(shared, |tx| ControlCmd::Query(QUERY_METRICS, tx))?;
+    Ok(split_rows(&list))
+}
+
+/// Splits the flat JSON objects of a `[{..},{..}]` answer (objects hold no nested braces).
+fn split_rows(list: &str) -> Vec<String> {
+    list.split_inclusive('}')
+        .map(|r| r.trim_start_matches([',', '[', ' ']).to_string())
+        .filter(|r| r.starts_with('{'))
+        .collect()
+}
+
+/// `GET /api/v5/metrics`: this node; `aggregate=true` sums every node's figures, and
+/// `aggregate=false` lists every node's (as EMQX's API).
+fn metrics_json(shared: &NodeShared, aggregate: Option<&str>) -> Result<String, String> {
+    match aggregate {
+        None => Ok(shared.metrics.json(&shared.cfg.node_name)),
+        Some("true") => {
+            let (nodes, totals) = metrics::aggregate(&node_rows(shared)?);
+            let fields: Vec<String> = totals.iter().map(|(n, v)| format!("\"{n}\":{v}")).collect();
+            Ok(format!("{{\"nodes\":{nodes},{}}}", fields.join(",")))
+        }
+        Some("false") => Ok(format!("[{}]", node_rows(shared)?.join(","))),
+        Some(other) => Err(format!("aggregate must be true or false, not {other:?}")),
+    }
 }
 
 fn stats_json(shared: &NodeShared) -> String {

@@ -15,6 +15,7 @@ const USAGE: &str = "usage:
       cluster leave                  leave the cluster
       cluster status                 members, their state, uptime, connections, routes
       nodes | metrics | stats        cluster members / this node's counters
+      metrics --cluster | --nodes    counters summed over every node / of every node
       clients | subscriptions | routes   cluster-wide listings (every node answers)
       (--api defaults to management.bind of the configuration)
   shardmq config                     print the embedded default configuration
@@ -156,6 +157,8 @@ fn ctl(args: &[String]) -> ExitCode {
         ["cluster", "leave"] => ("POST", "/api/v5/cluster/leave".to_string()),
         ["cluster", "status"] | ["nodes"] => ("GET", "/api/v5/cluster".to_string()),
         ["metrics"] => ("GET", "/api/v5/metrics".to_string()),
+        ["metrics", "--cluster"] => ("GET", "/api/v5/metrics?aggregate=true".to_string()),
+        ["metrics", "--nodes"] => ("GET", "/api/v5/metrics?aggregate=false".to_string()),
         ["clients"] => ("GET", "/api/v5/clients".to_string()),
         ["subscriptions"] => ("GET", "/api/v5/subscriptions".to_string()),
         ["routes"] => ("GET", "/api/v5/routes".to_string()),

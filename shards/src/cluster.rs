@@ -84,12 +84,16 @@ impl Default for ClusterConfig {
     }
 }
 
+/// Query kind: every node's figures (one [`crate::metrics::Metrics::json`] row per node).
+pub const QUERY_METRICS: u8 = 4;
+
 /// A management request to the cluster thread; the answer (JSON) goes back on `reply`.
 pub enum ControlCmd {
     Join(String, mpsc::Sender<Result<String, String>>),
     Leave(mpsc::Sender<Result<String, String>>),
     Status(mpsc::Sender<Result<String, String>>),
-    /// Cluster-wide listing: 1 clients, 2 subscriptions, 3 routes (a JSON array).
+    /// Cluster-wide listing: 1 clients, 2 subscriptions, 3 routes, 4 (`QUERY_METRICS`) every
+    /// node's figures (a JSON array).
     Query(u8, mpsc::Sender<Result<String, String>>),
 }
 
@@ -1331,20 +1335,29 @@ impl Cluster {
                 peers_left.insert(p);
             }
         }
-        let shards = self.mesh.shards();
+        // Figures are node-wide counters, answered here; listings come from every shard.
+        let (shards, rows) = if kind == QUERY_METRICS {
+            (0, vec![self.metrics.metrics.json(&self.node)])
+        } else {
+            (self.mesh.shards(), Vec::new())
+        };
         for shard in 0..shards {
             self.mesh.send(shard, MeshMsg::Query { token, kind });
         }
+        let done = shards == 0 && peers_left.is_empty();
         self.queries.insert(
             token,
             PendingQuery {
                 origin,
                 shards_left: shards,
                 peers_left,
-                rows: Vec::new(),
+                rows,
                 deadline: Instant::now() + Duration::from_secs(3),
             },
         );
+        if done {
+            self.finish_query(token);
+        }
     }
 
     fn query_rows(&mut self, token: u64, rows: Vec<String>, from_peer: Option<usize>) {

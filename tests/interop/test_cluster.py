@@ -285,6 +285,30 @@ def test_any_node_lists_clients_subscriptions_and_routes_of_the_whole_cluster(cl
     b.close()
 
 
+def test_any_node_sums_the_metrics_of_the_whole_cluster(cluster):
+    clients = []
+    for n in cluster:
+        c = Client(n.broker, "metrics")
+        c.connect()
+        c.subscribe(f"m/{secrets.token_hex(3)}", 1)
+        clients.append(c)
+    per_node = cluster[2].ctl("metrics", "--nodes")
+    assert sorted(r["node"] for r in per_node) == sorted(n.name for n in cluster)
+    own = {n.name: n.metrics() for n in cluster}
+    for row in per_node:
+        assert row["connections"] == own[row["node"]]["connections"] >= 1
+    totals = cluster[0].ctl("metrics", "--cluster")
+    assert totals["nodes"] == 3
+    assert totals["connections"] == sum(r["connections"] for r in per_node) >= 3
+    assert totals["subscriptions"] == sum(r["subscriptions"] for r in per_node) >= 3
+    url = f"http://127.0.0.1:{cluster[1].api_port}/metrics?mode=all_nodes_aggregated"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    assert f"shardmq_connections {totals['connections']}\n" in text
+    for c in clients:
+        c.close()
+
+
 def test_killed_node_is_marked_down_and_rejoins_with_its_routes(cluster):
     n1, n2, n3 = cluster
     kill(n3.broker)
