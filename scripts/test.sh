@@ -5,8 +5,9 @@
 #   SHARDMQ_TEST_QUICK=1 bash scripts/test.sh # skip fuzzing, tuning checks and bench builds
 #
 # Needs: Debian/Ubuntu (apt) for mosquitto-clients, the Rust stable toolchain with rustfmt and
-# clippy, and python3 (>= 3.9) with venv and pip. Installs, only when missing: the apt package
-# mosquitto-clients and a Python venv at .venv/ with tests/interop/requirements.txt.
+# clippy, and python3 (>= 3.9) with venv and pip. Installs, only when missing: the apt packages
+# mosquitto-clients and iproute2 (`ss -K` cuts cluster links in a test) and a Python venv at
+# .venv/ with tests/interop/requirements.txt.
 # Fails fast: the first failing step stops the run with its name and exit status.
 set -euo pipefail
 
@@ -21,7 +22,7 @@ case "${SHARDMQ_TEST_QUICK:-0}" in
 esac
 unset SHARDMQ_TEST_QUICK
 
-APT_PACKAGES=(mosquitto-clients)
+APT_PACKAGES=(mosquitto-clients iproute2)
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 REQUIREMENTS="tests/interop/requirements.txt"
