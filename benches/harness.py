@@ -133,7 +133,9 @@ def scenarios(quick: bool):
     out = {}
     for q in ("0", "1"):
         for size in ("16", "1024"):
-            common = ["-q", q, "-s", size, "--duration", d, "-i", "0"]
+            # --batch 16: each publisher sends 16 consecutive messages of the schedule in one
+            # write, so one generator core is not spent on a syscall per message.
+            common = ["-q", q, "-s", size, "--duration", d, "-i", "0", "--batch", "16"]
             out[f"pairs-q{q}-{size}B"] = (["pubsub", "--scenario", "pairs", "--pubs", "50", *common], 2_000_000)
             out[f"fanin-q{q}-{size}B"] = (["pubsub", "--scenario", "fanin", "--pubs", "1000", *common], 2_000_000)
             # Fan-out multiplies each publish by 1000 deliveries.
@@ -141,27 +143,53 @@ def scenarios(quick: bool):
     return out
 
 
+def run_once(kind: str, args: list[str], rate: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Broker(kind, Path(tmp)).start()
+        try:
+            r = bench(b.port, [*args, "--rate", str(rate)], timeout=120)
+            r["rss_mib"] = rss_kib(b.proc.pid) / 1024
+        finally:
+            b.stop()
+    r.update({"broker": kind, "broker_cmd": b.cmd, "rate": rate})
+    return r
+
+
+def peak(kind: str, args: list[str], overload: int, fan: int) -> dict:
+    """Highest delivery rate of a broker: one run far above capacity, then a ladder of offered
+    rates (x1.3 each) upward from what that run delivered, for as long as the broker delivers
+    at least 95% of what is offered; the best delivery of all runs counts. A run far above
+    capacity alone measures how the generator copes with overload (its one core then goes to
+    sending), not the broker's capacity."""
+    best = run_once(kind, args, overload)
+    rate = int(best.get("recv_rate", 0) / fan * 1.3)
+    for _ in range(8):
+        if rate <= 0 or rate >= overload:
+            break
+        r = run_once(kind, args, rate)
+        if r.get("recv_rate", 0) > best.get("recv_rate", 0):
+            best = r
+        if r.get("recv_rate", 0) < 0.95 * rate * fan:
+            break
+        rate = int(rate * 1.3)
+    return best
+
+
 def run_load(name: str, args: list[str], overload: int) -> list[dict]:
-    """Maximum throughput of each broker (open loop above capacity), then latency of both at
-    half of mosquitto's maximum rate."""
+    """Peak throughput of each broker (see `peak`), then latency of all at half of mosquitto's
+    peak rate."""
     rows = {}
-    for phase in ("max", "half"):
-        for kind in ["shardmq", *OTHERS]:
-            if phase == "max":
-                rate = overload
-            else:
-                mosq = rows[("max", "mosquitto")]
-                fan = 1000 if "fanout" in name else 1
-                rate = max(1, int(mosq.get("recv_rate", 0) / fan / 2))
-            with tempfile.TemporaryDirectory() as tmp:
-                b = Broker(kind, Path(tmp)).start()
-                try:
-                    r = bench(b.port, [*args, "--rate", str(rate)], timeout=120)
-                    r["rss_mib"] = rss_kib(b.proc.pid) / 1024
-                finally:
-                    b.stop()
-            r.update({"broker": kind, "scenario": f"{name} {phase}", "broker_cmd": b.cmd, "rate": rate})
-            rows[(phase, kind)] = r
+    fan = 1000 if "fanout" in name else 1
+    for kind in ["shardmq", *OTHERS]:
+        r = peak(kind, args, overload, fan)
+        r["scenario"] = f"{name} max"
+        rows[("max", kind)] = r
+    mosq = rows[("max", "mosquitto")]
+    rate = max(1, int(mosq.get("recv_rate", 0) / fan / 2))
+    for kind in ["shardmq", *OTHERS]:
+        r = run_once(kind, args, rate)
+        r["scenario"] = f"{name} half"
+        rows[("half", kind)] = r
     return list(rows.values())
 
 
@@ -335,6 +363,8 @@ def fmt(rows: list[dict]) -> list[str]:
                 extra = f"{r['rss_per_sub_b']} B/subscription"
             if "rss_per_conn_b" in r:
                 extra = f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn"
+            if scen.endswith(" max") and "rate" in r:
+                extra = f"offered {r['rate']} msg/s"
             lines.append(
                 f"| {scen} | {kind} | {r.get('recv_rate', 0):.0f} | {lat.get('p50', 0)} | {lat.get('p99', 0)} | "
                 f"{r.get('rss_mib', 0):.1f} | {extra} |"
@@ -390,8 +420,9 @@ def main() -> int:
         f"Command: `python3 benches/harness.py {' '.join(sys.argv[1:])}`. Brokers pinned with "
         f"`taskset -c {BROKER_CORE}` (shardmq with `node.shards=1`), generator on cores {GEN_CORES}.",
         "",
-        "`max` rows: open-loop load above capacity, msgs/s = what the subscribers received. `half` rows: both brokers at "
-        "half of mosquitto's maximum, for latency.",
+        "`max` rows: each broker's peak, msgs/s = what the subscribers received at the offered rate (open loop) "
+        "that delivered most: one run far above capacity, then offered rates rising x1.3 from what it delivered "
+        "while delivery rises. `half` rows: every broker at half of mosquitto's peak, for latency.",
         "",
         f"Reference brokers: {', '.join(OTHERS)}.",
         "",

@@ -53,6 +53,9 @@ pub struct Args {
     pub shortids: bool,
     /// Total messages per second across all publishers (open loop), 0 = use `-I`.
     pub rate: u64,
+    /// With `--rate`: consecutive messages of the schedule given to one publisher before the
+    /// next (they leave in one write), so a generator core can drive many connections.
+    pub batch: usize,
     pub duration: Option<Duration>,
     pub json: Option<String>,
     pub threads: usize,
@@ -88,6 +91,7 @@ usage: shardmq-bench conn|sub|pub|pubsub [options]
   --prefix P      client id prefix (shardmq-bench)
   --shortids      client ids are the bare sequence number
   --rate N        pub: N messages/s in total, open loop (latency from the scheduled time)
+  --batch N       with --rate: N consecutive messages per publisher in turn (1)
   --duration S    end the run after S seconds and print the summary
   --json FILE     write the summary as JSON
   --threads N     event-loop threads (default: all cores)
@@ -139,6 +143,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
         prefix: "shardmq-bench".into(),
         shortids: false,
         rate: 0,
+        batch: 1,
         duration: None,
         json: None,
         threads,
@@ -187,6 +192,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
             "--prefix" => a.prefix = value(&mut it, f)?.clone(),
             "--shortids" => a.shortids = true,
             "--rate" => a.rate = num(value(&mut it, f)?, f)?,
+            "--batch" => a.batch = num::<usize>(value(&mut it, f)?, f)?.max(1),
             "--duration" => a.duration = Some(Duration::from_secs_f64(num(value(&mut it, f)?, f)?)),
             "--json" => a.json = Some(value(&mut it, f)?.clone()),
             "--threads" => a.threads = num::<usize>(value(&mut it, f)?, f)?.max(1),

@@ -279,6 +279,7 @@ pub fn run_thread(
     let mut next_send = Instant::now();
     let mut publishing = false;
     let mut rr = 0usize;
+    let mut batch_left = 0usize;
     let keepalive = Duration::from_secs(a.keepalive.max(1) as u64 / 2 + 1);
     let mut last_keepalive_sweep = Instant::now();
     let payload_size = a.size;
@@ -404,8 +405,10 @@ pub fn run_thread(
                     next_send += send_gap;
                     let n = clients.len();
                     let mut done = false;
+                    // Stay on the last publisher for `batch` messages, then move on.
+                    let start = if batch_left > 0 { rr + n - 1 } else { rr };
                     for k in 0..n {
-                        let idx = (rr + k) % n;
+                        let idx = (start + k) % n;
                         let Some(Some(c)) = clients.get_mut(idx) else {
                             continue;
                         };
@@ -415,6 +418,10 @@ pub fn run_thread(
                         if a.qos > 0 && c.inflight >= a.inflight {
                             continue;
                         }
+                        if idx + 1 != rr || batch_left == 0 {
+                            batch_left = a.batch;
+                        }
+                        batch_left -= 1;
                         rr = idx + 1;
                         if !claim(&a, &shared) {
                             break;
