@@ -48,6 +48,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_port(port: int, timeout: float = 10) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -200,8 +206,11 @@ def run_conn(n: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             b = Broker(kind, Path(tmp)).start()
             base = rss_kib(b.proc.pid)
+            cpu_before = cpu_s(b.proc.pid)
             out = Path(tmp) / "conn.json"
-            args = ["conn", "-c", str(n), "-i", "0", "-k", "300", "--duration", "12"]
+            # At most 512 handshakes in flight: a storm beyond the listen backlog would make
+            # the rate a matter of SYN retries rather than of the broker.
+            args = ["conn", "-c", str(n), "-i", "0", "--max-connecting", "512", "-k", "300", "--duration", "12"]
             hold = subprocess.Popen(
                 ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
                  "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)],
@@ -217,6 +226,7 @@ def run_conn(n: int) -> list[dict]:
             r = json.loads(out.read_text()) if out.exists() else {}
             r["cmd"] = "shardmq-bench " + " ".join(args)
             r["rss_per_conn_b"] = round((last - base) * 1024 / n)
+            r["cpu_per_conn_us"] = round((cpu_s(b.proc.pid) - cpu_before) * 1e6 / n, 1)
             r["rss_mib"] = last / 1024
             b.stop()
             r.update({"broker": kind, "scenario": f"conn-{n}", "broker_cmd": b.cmd})
@@ -362,7 +372,8 @@ def fmt(rows: list[dict]) -> list[str]:
             if "rss_per_sub_b" in r:
                 extra = f"{r['rss_per_sub_b']} B/subscription"
             if "rss_per_conn_b" in r:
-                extra = f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn"
+                extra = (f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn, "
+                         f"broker CPU {r.get('cpu_per_conn_us', 0)} µs/conn")
             if scen.endswith(" max") and "rate" in r:
                 extra = f"offered {r['rate']} msg/s"
             lines.append(
@@ -378,6 +389,8 @@ def fmt(rows: list[dict]) -> list[str]:
                          f"delivery rate x{s.get('recv_rate', 0) / max(m.get('recv_rate', 0), 1):.2f}")
             elif "rss_per_conn_b" in s:
                 ratio = (f"connect rate x{s['connect_rate'] / max(m['connect_rate'], 1):.2f}, "
+                         f"connections per broker CPU-second "
+                         f"x{m.get('cpu_per_conn_us', 0) / max(s.get('cpu_per_conn_us', 0), 0.001):.2f}, "
                          f"memory/conn x{s['rss_per_conn_b'] / max(m['rss_per_conn_b'], 1):.2f}")
             elif scen.endswith(" half"):
                 ratio = (f"at {s.get('rate')} msg/s: p99 "

@@ -38,6 +38,9 @@ pub struct Args {
     pub count: usize,
     pub start_index: usize,
     pub connect_interval: Duration,
+    /// Most connections of a thread between `connect()` and CONNACK (0 = no limit): keeps a
+    /// connection storm within the listen backlog, so the rate is not set by SYN retries.
+    pub max_connecting: usize,
     pub publish_interval: Duration,
     pub topic: String,
     pub qos: u8,
@@ -90,6 +93,7 @@ usage: shardmq-bench conn|sub|pub|pubsub [options]
   --ifaddr IPS    local source addresses, comma separated (round robin)
   --prefix P      client id prefix (shardmq-bench)
   --shortids      client ids are the bare sequence number
+  --max-connecting N  at most N handshakes (connect to CONNACK) in progress per thread (0 = any)
   --rate N        pub: N messages/s in total, open loop (latency from the scheduled time)
   --batch N       with --rate: N consecutive messages per publisher in turn (1)
   --duration S    end the run after S seconds and print the summary
@@ -129,6 +133,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
         count: 1,
         start_index: 0,
         connect_interval: Duration::from_millis(10),
+        max_connecting: 0,
         publish_interval: Duration::from_millis(1000),
         topic: String::new(),
         qos: 0,
@@ -192,6 +197,7 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
             "--prefix" => a.prefix = value(&mut it, f)?.clone(),
             "--shortids" => a.shortids = true,
             "--rate" => a.rate = num(value(&mut it, f)?, f)?,
+            "--max-connecting" => a.max_connecting = num(value(&mut it, f)?, f)?,
             "--batch" => a.batch = num::<usize>(value(&mut it, f)?, f)?.max(1),
             "--duration" => a.duration = Some(Duration::from_secs_f64(num(value(&mut it, f)?, f)?)),
             "--json" => a.json = Some(value(&mut it, f)?.clone()),

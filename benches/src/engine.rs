@@ -280,6 +280,10 @@ pub fn run_thread(
     let mut publishing = false;
     let mut rr = 0usize;
     let mut batch_left = 0usize;
+    // Connections between connect() and CONNACK (or failure).
+    let mut handshaking = 0usize;
+    // Clients given output (or events) this turn: the ones to flush.
+    let mut touched: Vec<usize> = Vec::new();
     let keepalive = Duration::from_secs(a.keepalive.max(1) as u64 / 2 + 1);
     let mut last_keepalive_sweep = Instant::now();
     let payload_size = a.size;
@@ -294,7 +298,7 @@ pub fn run_thread(
     while !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         // 1. Connect more clients.
-        while now >= next_connect {
+        while now >= next_connect && (a.max_connecting == 0 || handshaking < a.max_connecting) {
             let Some(spec) = pending.next() else { break };
             let idx = clients.len();
             let addr = addrs[spec.seq % addrs.len()];
@@ -314,6 +318,7 @@ pub fn run_thread(
                         clients.push(None);
                         continue;
                     }
+                    handshaking += 1;
                     clients.push(Some(Client {
                         spec,
                         stream,
@@ -352,10 +357,13 @@ pub fn run_thread(
             let Some(Some(c)) = clients.get_mut(idx) else {
                 continue;
             };
+            let was_handshaking = matches!(c.state, State::Connecting | State::WaitConnAck);
+            touched.push(idx);
             if c.state == State::Connecting && (ev.is_writable() || ev.is_readable()) {
                 if c.stream.peer_addr().is_err() {
                     shared.connect_failures.fetch_add(1, Ordering::Relaxed);
                     c.state = State::Closed;
+                    handshaking -= 1;
                     continue;
                 }
                 c.state = State::WaitConnAck;
@@ -382,6 +390,9 @@ pub fn run_thread(
                     &mut local_hist,
                     started,
                 );
+            }
+            if was_handshaking && !matches!(c.state, State::Connecting | State::WaitConnAck) {
+                handshaking -= 1;
             }
         }
         // 3. Publish.
@@ -435,6 +446,7 @@ pub fn run_thread(
                             &mut scratch,
                             &mut rng,
                         );
+                        touched.push(idx);
                         done = true;
                         break;
                     }
@@ -443,7 +455,8 @@ pub fn run_thread(
                     }
                 }
             } else {
-                for c in clients.iter_mut().flatten() {
+                for (idx, c) in clients.iter_mut().enumerate() {
+                    let Some(c) = c else { continue };
                     if c.state != State::Ready
                         || !matches!(c.spec.role, Role::Pub(_))
                         || c.next_pub > now
@@ -469,20 +482,27 @@ pub fn run_thread(
                         &mut scratch,
                         &mut rng,
                     );
+                    touched.push(idx);
                 }
             }
         }
         // 4. Keep-alive pings for quiet clients.
         if last_keepalive_sweep.elapsed() >= Duration::from_millis(500) {
             last_keepalive_sweep = Instant::now();
-            for c in clients.iter_mut().flatten() {
+            for (idx, c) in clients.iter_mut().enumerate() {
+                let Some(c) = c else { continue };
                 if c.state == State::Ready && c.last_tx.elapsed() >= keepalive {
                     c.out.extend_from_slice(&[0xC0, 0x00]);
+                    touched.push(idx);
                 }
             }
         }
-        // 5. Flush.
-        for c in clients.iter_mut().flatten() {
+        // 5. Flush what this turn touched (scanning every client each turn would cost more
+        // than the I/O with thousands of mostly idle connections).
+        for idx in touched.drain(..) {
+            let Some(Some(c)) = clients.get_mut(idx) else {
+                continue;
+            };
             if c.out.is_empty() || c.state == State::Connecting || c.state == State::Closed {
                 continue;
             }
@@ -493,6 +513,9 @@ pub fn run_thread(
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => {
+                    if c.state == State::WaitConnAck {
+                        handshaking -= 1;
+                    }
                     c.state = State::Closed;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                 }

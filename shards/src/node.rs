@@ -186,6 +186,9 @@ fn listen(cfg: &BrokerConfig) -> std::io::Result<OwnedFd> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: no setsockopt per
+    // connection.
+    socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
     if cfg.bind.is_ipv6() {
@@ -204,5 +207,42 @@ fn pin_to_core(core: usize) {
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             log::debug!("could not pin shard thread to core {core}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let cfg = BrokerConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let listener = listen(&cfg).unwrap();
+        let addr = Socket::from(listener.try_clone().unwrap())
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = loop {
+            // SAFETY: accept on a listener we own; a non-negative result is a new descriptor.
+            let fd = unsafe {
+                libc::accept(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: fd was just returned by accept and is owned by nobody else.
+                break unsafe { OwnedFd::from_raw_fd(fd) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(Socket::from(accepted).nodelay().unwrap());
     }
 }

@@ -354,7 +354,6 @@ impl Shard {
             return;
         }
         Metrics::add(&m.connections_total, 1);
-        set_nodelay(&fd);
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
         let mut conn = Conn::new(fd, deadline);
         conn.over_quota = live >= max;
@@ -2925,20 +2924,6 @@ fn message_from(p: Publish, publisher: Arc<str>) -> Message {
         properties,
         publisher,
         expires_at,
-    }
-}
-
-fn set_nodelay(fd: &OwnedFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a live int on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
     }
 }
 
