@@ -451,16 +451,22 @@ fn decode_body(first: u8, body: &[u8], protocol: Protocol) -> Result<Packet> {
                     if o & 0xC0 != 0 {
                         return Err(DecodeError::Malformed("subscription options reserved bits"));
                     }
+                    // v5 3.8.3.1: QoS 3, retain handling 3 and No Local on a shared
+                    // subscription (MQTT-3.8.3-4) are protocol errors, not malformed packets.
+                    let no_local = o & 0x04 != 0;
+                    if no_local && filter.starts_with("$share/") {
+                        return Err(DecodeError::Protocol("No Local on a shared subscription"));
+                    }
                     SubscriptionOptions {
                         qos: QoS::from_u8(o & 3)
-                            .ok_or(DecodeError::Malformed("subscription QoS 3"))?,
-                        no_local: o & 0x04 != 0,
+                            .ok_or(DecodeError::Protocol("subscription QoS 3"))?,
+                        no_local,
                         retain_as_published: o & 0x08 != 0,
                         retain_handling: match (o >> 4) & 3 {
                             0 => RetainHandling::SendAtSubscribe,
                             1 => RetainHandling::SendIfNew,
                             2 => RetainHandling::DoNotSend,
-                            _ => return Err(DecodeError::Malformed("retain handling 3")),
+                            _ => return Err(DecodeError::Protocol("retain handling 3")),
                         },
                     }
                 } else {
@@ -1161,6 +1167,46 @@ mod tests {
             decode(&bytes, Protocol::V311, 1024),
             Err(DecodeError::PacketTooLarge { .. })
         ));
+    }
+
+    /// A v5 SUBSCRIBE (packet id 1, no properties) of one filter with options byte `o`.
+    fn v5_subscribe(filter: &str, o: u8) -> Vec<u8> {
+        let mut body = vec![0, 1, 0, 0, filter.len() as u8];
+        body.extend_from_slice(filter.as_bytes());
+        body.push(o);
+        let mut bytes = vec![0x82, body.len() as u8];
+        bytes.extend(body);
+        bytes
+    }
+
+    #[test]
+    fn v5_subscription_options_errors_are_classed_as_the_spec_says() {
+        let d = |b: Vec<u8>| decode(&b, Protocol::V5, 1024);
+        // 3.8.3.1: QoS 3 and retain handling 3 are protocol errors ...
+        assert!(matches!(
+            d(v5_subscribe("a", 0x03)),
+            Err(DecodeError::Protocol(_))
+        ));
+        assert!(matches!(
+            d(v5_subscribe("a", 0x30)),
+            Err(DecodeError::Protocol(_))
+        ));
+        // ... so is No Local on a shared subscription (MQTT-3.8.3-4) ...
+        assert!(matches!(
+            d(v5_subscribe("$share/g/a", 0x04)),
+            Err(DecodeError::Protocol(_))
+        ));
+        assert!(d(v5_subscribe("a", 0x04)).unwrap().is_some());
+        assert!(d(v5_subscribe("$share/g/a", 0x01)).unwrap().is_some());
+        // ... while reserved bits make the packet malformed (MQTT-3.8.3-5).
+        assert!(matches!(
+            d(v5_subscribe("a", 0x40)),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert_eq!(
+            DecodeError::Protocol("x").reason_code(),
+            ReasonCode::ProtocolError
+        );
     }
 
     #[test]
