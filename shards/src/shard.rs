@@ -421,7 +421,8 @@ impl Shard {
             self.close(slot, Close::Abnormal);
             return;
         }
-        if !c.more() {
+        // A cancelled receive was cancelled by `park`; `resume` arms a new one.
+        if !c.more() && c.result != -libc::ECANCELED {
             if let Some(conn) = self.conns.get_mut(slot, gen).filter(|c| !c.parked) {
                 let fd = conn.raw_fd();
                 match conn.state {
