@@ -23,7 +23,7 @@ import pytest
 
 from brokers import STOP_TIMEOUT_S, Broker, start_mosquitto, start_shardmq, stop, wait_ready
 
-TEST_TIMEOUT_S = 10  # no single test may take longer
+TEST_TIMEOUT_S = 10  # no single test may take longer, unless it is marked time_limit
 RUN_ID = secrets.token_hex(3)
 
 
@@ -45,6 +45,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "shardmq_only: asserts shardmq-specific behaviour; skipped unless the suite runs shardmq",
+    )
+    config.addinivalue_line(
+        "markers",
+        "time_limit(seconds): this test's own time budget, for the few that move tens of MiB",
     )
 
 
@@ -98,12 +102,15 @@ def _per_test_guard(request, broker):
     if request.node.get_closest_marker("shardmq_only") and not broker.managed_shardmq:
         pytest.skip(f"shardmq-specific (testing {broker.kind} broker)")
 
+    limit = request.node.get_closest_marker("time_limit")
+    budget = limit.args[0] if limit else TEST_TIMEOUT_S
+
     def on_timeout(_signum, _frame):
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT_S}s")
+        raise TimeoutError(f"test exceeded {budget}s")
 
     log_start = broker.log_path.stat().st_size if broker.log_path else 0
     previous = signal.signal(signal.SIGALRM, on_timeout)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+    signal.setitimer(signal.ITIMER_REAL, budget)
     try:
         yield
     finally:
