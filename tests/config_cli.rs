@@ -74,9 +74,10 @@ fn sigterm_shuts_down_gracefully_and_the_log_says_where_it_listens() {
     let mut v5 = RawClient::connect(b.addr());
     v5.send(&connect_packet(5, "until-shutdown", true, 60, None));
     assert_eq!(v5.recv(WAIT).unwrap().first, 0x20);
-    let log = b.log();
+    let listening = format!("listening on 127.0.0.1:{}", b.port);
+    let log = b.log_with(&listening, WAIT);
     assert!(
-        log.contains(&format!("listening on 127.0.0.1:{}", b.port)) && log.contains("2 shards"),
+        log.contains(&listening) && log.contains("2 shards"),
         "{log}"
     );
     let status = b
