@@ -8,6 +8,7 @@ table is appended to docs/benchmarks.md with the date, commit and exact commands
     python3 benches/harness.py                 # all scenarios
     python3 benches/harness.py pairs conn      # some of them
     python3 benches/harness.py --quick         # short runs (smoke test)
+    python3 benches/harness.py conn-split      # connect rate as between two hosts (root: netns)
 
 Needs: cargo (builds shardmq and shardmq-bench in release), mosquitto (apt) for the reference.
 rumqttd runs too when RUMQTTD_BIN (or a rumqttd on PATH) is set: `cargo install rumqttd --root DIR`.
@@ -54,22 +55,86 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def core_busy_s(core: str) -> float:
+    """Seconds one core spent on anything but idle (softirq included: in `split` runs that is
+    the broker's side of the network)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            f = [int(x) for x in line.split()[1:]]
+            return (sum(f[:8]) - f[3] - f[4] - f[7]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait, steal
+    return 0.0
+
+
+def wait_port(port: int, timeout: float = 10, split: "Split | None" = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
+        if split:
+            probe = f"import socket; socket.create_connection(('{split.host}', {port}), timeout=0.2)"
+            if subprocess.run([*split.gen, sys.executable, "-c", probe],
+                              stderr=subprocess.DEVNULL).returncode == 0:
+                return
+        else:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.05)
     raise RuntimeError(f"broker not listening on {port}")
 
 
+class Split:
+    """Broker and generator in two network namespaces joined by a veth pair, each side's
+    receive path steered (RPS) to its own core: as between two hosts, each pays for the
+    packets it receives. On loopback the sender's core runs the receiver's whole TCP path,
+    so the generator's core paid for both ends of every handshake and capped any broker's
+    connect rate at the same figure."""
+
+    host = "10.231.0.1"  # exists only inside the broker's namespace
+
+    def __enter__(self) -> "Split":
+        tag = f"{os.getpid() % 100000}"
+        self.ns_b, self.ns_g = f"smqh{tag}b", f"smqh{tag}g"
+        self.broker = ["ip", "netns", "exec", self.ns_b]
+        self.gen = ["ip", "netns", "exec", self.ns_g]
+        veth_b, veth_g = f"smqv{tag}b", f"smqv{tag}g"
+        steps = [
+            ["ip", "netns", "add", self.ns_b],
+            ["ip", "netns", "add", self.ns_g],
+            ["ip", "link", "add", veth_b, "type", "veth", "peer", "name", veth_g],
+            ["ip", "link", "set", veth_b, "netns", self.ns_b],
+            ["ip", "link", "set", veth_g, "netns", self.ns_g],
+            ["ip", "-n", self.ns_b, "addr", "add", f"{self.host}/24", "dev", veth_b],
+            ["ip", "-n", self.ns_g, "addr", "add", "10.231.0.2/24", "dev", veth_g],
+            ["ip", "-n", self.ns_b, "link", "set", veth_b, "up"],
+            ["ip", "-n", self.ns_g, "link", "set", veth_g, "up"],
+            ["ip", "-n", self.ns_b, "link", "set", "lo", "up"],
+            [*self.broker, "sh", "-c",
+             f"echo {1 << int(BROKER_CORE):x} > /sys/class/net/{veth_b}/queues/rx-0/rps_cpus"],
+            [*self.gen, "sh", "-c",
+             f"echo {1 << int(GEN_CORES.split('-')[0]):x} > /sys/class/net/{veth_g}/queues/rx-0/rps_cpus"],
+            [*self.gen, "sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"],
+        ]
+        try:
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for ns in (self.ns_b, self.ns_g):  # deleting them deletes the veth pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 class Broker:
-    def __init__(self, kind: str, work: Path):
+    def __init__(self, kind: str, work: Path, split: Split | None = None):
         self.kind = kind
         self.port = free_port()
         self.work = work
+        self.split = split
+        self.host = split.host if split else "127.0.0.1"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Broker":
@@ -77,7 +142,7 @@ class Broker:
             env = dict(os.environ)
             env.update(
                 {
-                    "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{self.port}",
+                    "SHARDMQ_LISTENERS__TCP__DEFAULT__BIND": f"{self.host}:{self.port}",
                     "SHARDMQ_NODE__SHARDS": "1",
                     "SHARDMQ_NODE__DATA_DIR": str(self.work / "data"),
                     "SHARDMQ_MANAGEMENT__BIND": "",
@@ -92,7 +157,7 @@ class Broker:
             conf.write_text(
                 "id = 0\n\n[router]\nid = 0\nmax_connections = 20010\nmax_outgoing_packet_count = 200\n"
                 "max_segment_size = 104857600\nmax_segment_count = 10\n\n"
-                f"[v4.1]\nname = \"v4-1\"\nlisten = \"127.0.0.1:{self.port}\"\nnext_connection_delay_ms = 0\n"
+                f"[v4.1]\nname = \"v4-1\"\nlisten = \"{self.host}:{self.port}\"\nnext_connection_delay_ms = 0\n"
                 "    [v4.1.connections]\n    connection_timeout_ms = 60000\n    max_payload_size = 20480\n"
                 "    max_inflight_count = 100\n    dynamic_filters = true\n"
             )
@@ -101,15 +166,17 @@ class Broker:
         else:
             conf = self.work / "mosquitto.conf"
             conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
+                f"listener {self.port} {self.host}\nallow_anonymous true\nmax_queued_messages 100000\n"
                 "max_inflight_messages 1024\nlog_type error\n"
             )
             exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             cmd = ["taskset", "-c", BROKER_CORE, exe, "-c", str(conf)]
             env = dict(os.environ)
+        if self.split:
+            cmd = [*self.split.broker, *cmd]  # `ip netns exec` execs: the pid stays the broker's
         self.cmd = " ".join(cmd)
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, split=self.split)
         time.sleep(0.2)
         return self
 
@@ -199,37 +266,46 @@ def run_load(name: str, args: list[str], overload: int) -> list[dict]:
     return list(rows.values())
 
 
-def run_conn(n: int) -> list[dict]:
+def run_conn(n: int, split: Split | None = None) -> list[dict]:
     """Connect rate, and RSS per idle connection with every client connected."""
     rows = []
     for kind in ["shardmq", *OTHERS]:
         with tempfile.TemporaryDirectory() as tmp:
-            b = Broker(kind, Path(tmp)).start()
+            b = Broker(kind, Path(tmp), split).start()
             base = rss_kib(b.proc.pid)
             cpu_before = cpu_s(b.proc.pid)
+            core_before = core_busy_s(BROKER_CORE)
             out = Path(tmp) / "conn.json"
             # At most 512 handshakes in flight: a storm beyond the listen backlog would make
             # the rate a matter of SYN retries rather than of the broker.
             args = ["conn", "-c", str(n), "-i", "0", "--max-connecting", "512", "-k", "300", "--duration", "12"]
+            if split:
+                args += ["-h", split.host]
             hold = subprocess.Popen(
-                ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
-                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)],
+                [*(split.gen if split else []), "taskset", "-c", GEN_CORES,
+                 str(ROOT / "target/release/shardmq-bench"), *args, "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             last, stable = -1, 0
             deadline = time.time() + 11
             while time.time() < deadline and stable < 2:
                 time.sleep(0.5)
                 now = rss_kib(b.proc.pid)
-                stable = stable + 1 if now == last else 0
+                # Only once the clients' memory shows: before they start it is stable too.
+                grown = (now - base) * 1024 > n * 100
+                stable = stable + 1 if now == last and grown else 0
                 last = now
+            # Measured when the broker's memory stopped growing: the connects are over.
+            cpu_used, core_used = cpu_s(b.proc.pid) - cpu_before, core_busy_s(BROKER_CORE) - core_before
             hold.wait(60)
             r = json.loads(out.read_text()) if out.exists() else {}
             r["cmd"] = "shardmq-bench " + " ".join(args)
             r["rss_per_conn_b"] = round((last - base) * 1024 / n)
-            r["cpu_per_conn_us"] = round((cpu_s(b.proc.pid) - cpu_before) * 1e6 / n, 1)
+            r["cpu_per_conn_us"] = round(cpu_used * 1e6 / n, 1)
+            r["core_per_conn_us"] = round(core_used * 1e6 / n, 1)
             r["rss_mib"] = last / 1024
             b.stop()
-            r.update({"broker": kind, "scenario": f"conn-{n}", "broker_cmd": b.cmd})
+            name = f"conn-{n}" + (" split" if split else "")
+            r.update({"broker": kind, "scenario": name, "broker_cmd": b.cmd})
             rows.append(r)
     return rows
 
@@ -247,9 +323,11 @@ def run_subs(total: int) -> list[dict]:
             sub_json = Path(tmp) / "sub.json"
             args = ["sub", "-c", str(clients), "-i", "0", "-t", "fleet/%i/%k", "--subs-per-client", str(per),
                     "--duration", "120"]
+            if split:
+                args += ["-h", split.host]
             hold = subprocess.Popen(
-                ["taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"), *args,
-                 "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(sub_json)],
+                [*(split.gen if split else []), "taskset", "-c", GEN_CORES,
+                 str(ROOT / "target/release/shardmq-bench"), *args, "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(sub_json)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             last, stable = -1, 0
             deadline = time.time() + 55
@@ -373,7 +451,8 @@ def fmt(rows: list[dict]) -> list[str]:
                 extra = f"{r['rss_per_sub_b']} B/subscription"
             if "rss_per_conn_b" in r:
                 extra = (f"{r['connect_rate']:.0f} conn/s, {r['rss_per_conn_b']} B/conn, "
-                         f"broker CPU {r.get('cpu_per_conn_us', 0)} µs/conn")
+                         f"broker CPU {r.get('cpu_per_conn_us', 0)} µs/conn, "
+                         f"broker core busy {r.get('core_per_conn_us', 0)} µs/conn")
             if scen.endswith(" max") and "rate" in r:
                 extra = f"offered {r['rate']} msg/s"
             lines.append(
@@ -391,6 +470,8 @@ def fmt(rows: list[dict]) -> list[str]:
                 ratio = (f"connect rate x{s['connect_rate'] / max(m['connect_rate'], 1):.2f}, "
                          f"connections per broker CPU-second "
                          f"x{m.get('cpu_per_conn_us', 0) / max(s.get('cpu_per_conn_us', 0), 0.001):.2f}, "
+                         f"per broker core-second "
+                         f"x{m.get('core_per_conn_us', 0) / max(s.get('core_per_conn_us', 0), 0.001):.2f}, "
                          f"memory/conn x{s['rss_per_conn_b'] / max(m['rss_per_conn_b'], 1):.2f}")
             elif scen.endswith(" half"):
                 ratio = (f"at {s.get('rate')} msg/s: p99 "
@@ -408,9 +489,14 @@ def main() -> int:
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         print("mosquitto not installed (apt-get install mosquitto): no reference to compare with", file=sys.stderr)
         return 1
+    # Off the broker's core: its busy time is a measurement.
+    gen = GEN_CORES.split("-")
+    os.sched_setaffinity(0, range(int(gen[0]), int(gen[-1]) + 1))
     rows = []
     loads = scenarios(quick)
     wanted = argv or ["pairs", "fanin", "fanout", "conn", "subs", "cluster"]
+    if not argv and os.geteuid() == 0 and shutil.which("ip"):
+        wanted.append("conn-split")
     for name, (args, overload) in loads.items():
         if any(name.startswith(w) for w in wanted):
             print(f"running {name}", file=sys.stderr)
@@ -418,6 +504,10 @@ def main() -> int:
     if "conn" in wanted:
         print("running conn", file=sys.stderr)
         rows += run_conn(2000 if quick else 15000)
+    if "conn-split" in wanted:
+        print("running conn-split", file=sys.stderr)
+        with Split() as split:
+            rows += run_conn(2000 if quick else 15000, split)
     if "cluster" in wanted:
         print("running cluster", file=sys.stderr)
         rows += run_cluster(quick)
@@ -436,6 +526,9 @@ def main() -> int:
         "`max` rows: each broker's peak, msgs/s = what the subscribers received at the offered rate (open loop) "
         "that delivered most: one run far above capacity, then offered rates rising x1.3 from what it delivered "
         "while delivery rises. `half` rows: every broker at half of mosquitto's peak, for latency.",
+        "",
+        "`split` rows: broker and generator in two network namespaces joined by a veth pair, each "
+        "side's receive path steered to its own core, as between two hosts.",
         "",
         f"Reference brokers: {', '.join(OTHERS)}.",
         "",
