@@ -180,3 +180,34 @@ fn full_queue_member_is_skipped_for_another() {
         "fast {fast_got}, slow {slow_got}"
     );
 }
+
+/// A v5 SUBSCRIBE (no properties) of one filter with subscription options byte `options`.
+fn subscribe_v5(pid: u16, filter: &str, options: u8) -> Vec<u8> {
+    let mut body = pid.to_be_bytes().to_vec();
+    body.push(0);
+    body.extend(field(filter.as_bytes()));
+    body.push(options);
+    packet(0x82, &body)
+}
+
+#[test]
+fn invalid_subscription_options_get_0x82_and_reserved_bits_0x81() {
+    let b = Broker::start(&[]);
+    for (id, filter, options, reason) in [
+        ("no-local-share", "$share/g/t", 0x04, 0x82), // MQTT-3.8.3-4
+        ("qos-3", "t", 0x03, 0x82),
+        ("retain-handling-3", "t", 0x30, 0x82),
+        ("reserved-bits", "t", 0x40, 0x81), // MQTT-3.8.3-5
+    ] {
+        let mut c = v5_client(&b, id, 60);
+        c.send(&subscribe_v5(1, filter, options));
+        assert_eq!(disconnect_reason(&mut c).0, reason, "{id}");
+        assert!(c.closed_within(WAIT), "{id}");
+    }
+    // No Local on an ordinary filter is fine.
+    let mut c = v5_client(&b, "no-local", 60);
+    c.send(&subscribe_v5(1, "t", 0x05));
+    let ack = c.recv(WAIT).expect("SUBACK");
+    assert_eq!((ack.first, *ack.body.last().unwrap()), (0x90, 0x01));
+    assert_broker_serves(&b);
+}
