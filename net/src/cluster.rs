@@ -100,6 +100,15 @@ pub enum Frame {
     /// Sent by the dialler right after its `Hello`: this link carries `Publish` frames from
     /// the dialler's shard `shard`, and is handed to a shard on both sides once authenticated.
     DataLink { shard: u16 },
+    /// Second phase of a session move, from the node that imported the session to the one
+    /// that exported it, sent after the importer's routes for it: stop holding it.
+    TakeoverEnd { client_id: String },
+    /// The exporter's answer to `TakeoverEnd`: what it queued for the session between the
+    /// export and the end, while peers still routed to it.
+    SessionTail {
+        client_id: String,
+        messages: Vec<WireMessage>,
+    },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -162,6 +171,8 @@ impl Frame {
             Frame::Query { .. } => 13,
             Frame::QueryReply { .. } => 14,
             Frame::DataLink { .. } => 15,
+            Frame::TakeoverEnd { .. } => 16,
+            Frame::SessionTail { .. } => 17,
         }
     }
 
@@ -268,6 +279,17 @@ impl Frame {
                 }
             }
             Frame::DataLink { shard } => out.put_u16(*shard),
+            Frame::TakeoverEnd { client_id } => put_str(out, client_id),
+            Frame::SessionTail {
+                client_id,
+                messages,
+            } => {
+                put_str(out, client_id);
+                out.put_u32(messages.len() as u32);
+                for m in messages {
+                    put_msg(out, m);
+                }
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -453,6 +475,21 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             Frame::QueryReply { token, rows }
         }
         15 => Frame::DataLink { shard: c.u16()? },
+        16 => Frame::TakeoverEnd {
+            client_id: c.string()?,
+        },
+        17 => {
+            let client_id = c.string()?;
+            let n = c.count(30)?;
+            let mut messages = Vec::with_capacity(n);
+            for _ in 0..n {
+                messages.push(c.msg()?);
+            }
+            Frame::SessionTail {
+                client_id,
+                messages,
+            }
+        }
         _ => return Err(FrameError::Malformed("unknown frame type")),
     };
     if c.pos != body.len() {
@@ -623,6 +660,13 @@ mod tests {
                 rows: vec!["{}".into()],
             },
             Frame::DataLink { shard: 3 },
+            Frame::TakeoverEnd {
+                client_id: "c".into(),
+            },
+            Frame::SessionTail {
+                client_id: "c".into(),
+                messages: vec![msg(), msg()],
+            },
         ];
         let mut out = BytesMut::new();
         for f in &frames {

@@ -195,6 +195,9 @@ struct PendingTakeover {
 }
 
 /// The cluster thread's state.
+/// Most mesh messages the cluster thread takes per round.
+const MESH_BUDGET: usize = 4096;
+
 pub struct Cluster {
     node: String,
     advertised: String,
@@ -209,6 +212,8 @@ pub struct Cluster {
     route_seq: u64,
     retained: HashMap<String, Arc<Message>>,
     pending: HashMap<u64, PendingTakeover>,
+    /// `TakeoverEnd`s to send once this mesh round is over (see `run`).
+    takeover_ends: Vec<(Arc<str>, u8)>,
     queries: HashMap<u64, PendingQuery>,
     next_query: u64,
     started: Instant,
@@ -282,6 +287,7 @@ impl Cluster {
             route_seq: 0,
             retained: HashMap::new(),
             pending: HashMap::new(),
+            takeover_ends: Vec::new(),
             queries: HashMap::new(),
             next_query: 1,
             started: Instant::now(),
@@ -317,9 +323,25 @@ impl Cluster {
         while !stop.load(Ordering::Relaxed) {
             self.poll_once(Duration::from_millis(100));
             msgs.clear();
-            self.mesh.recv(4096, &mut msgs);
+            self.mesh.recv(MESH_BUDGET, &mut msgs);
+            let drained = msgs.len() < MESH_BUDGET;
             for m in msgs.drain(..) {
                 self.on_mesh(m);
+            }
+            if drained {
+                // A moved session's importing shard asks for its `TakeoverEnd` after its
+                // route changes went to the filters' home shards, which sent them here:
+                // `recv` returned only when every queue was empty, so those route changes
+                // were in this round and went out first, and peers learn the new routes
+                // before the old node lets go.
+                for (client_id, node) in std::mem::take(&mut self.takeover_ends) {
+                    if let Some(link) = self.peers.get(node as usize).and_then(|p| p.link) {
+                        let frame = Frame::TakeoverEnd {
+                            client_id: client_id.to_string(),
+                        };
+                        self.send(link, &frame);
+                    }
+                }
             }
             self.on_control();
             self.accept();
@@ -950,6 +972,23 @@ impl Cluster {
                 });
                 self.takeover_answer(token, node, export);
             }
+            Frame::TakeoverEnd { client_id } => {
+                let shard = home_shard(&client_id, self.mesh.shards());
+                let client_id = client_id.into();
+                self.mesh
+                    .send(shard, MeshMsg::RemoteTakeoverEnd { client_id, node });
+            }
+            Frame::SessionTail {
+                client_id,
+                messages,
+            } => {
+                let shard = home_shard(&client_id, self.mesh.shards());
+                let msg = MeshMsg::SessionTail {
+                    client_id: client_id.into(),
+                    messages: messages.into_iter().filter_map(from_wire).collect(),
+                };
+                self.mesh.send(shard, msg);
+            }
             Frame::Query { token, kind } => self.start_query(kind, QueryOrigin::Peer(p, token)),
             Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
             Frame::Hello { .. } | Frame::Auth { .. } | Frame::DataLink { .. } => {
@@ -1079,6 +1118,23 @@ impl Cluster {
                         })
                         .collect(),
                     messages: e.messages.iter().map(|m| to_wire(m)).collect(),
+                };
+                self.send(link, &frame);
+            }
+            MeshMsg::ClusterTakeoverEnd { client_id, node } => {
+                self.takeover_ends.push((client_id, node));
+            }
+            MeshMsg::ClusterSessionTail {
+                client_id,
+                node,
+                messages,
+            } => {
+                let Some(link) = self.peers.get(node as usize).and_then(|p| p.link) else {
+                    return;
+                };
+                let frame = Frame::SessionTail {
+                    client_id: client_id.to_string(),
+                    messages: messages.iter().map(|m| to_wire(m)).collect(),
                 };
                 self.send(link, &frame);
             }

@@ -120,6 +120,23 @@ pub enum MeshMsg {
     },
     /// Cluster → the shard holding a CONNECT: what other nodes had for this client.
     SessionImport(Box<SessionExport>),
+    /// Shard → cluster: the session moved here from `node` is routed here now; tell `node`
+    /// to let go of it (sent once a full mesh round after this node's route changes).
+    ClusterTakeoverEnd { client_id: Arc<str>, node: u8 },
+    /// Cluster → client id's home shard: `node` routes the session it imported from here;
+    /// drop it and send it what was queued meanwhile.
+    RemoteTakeoverEnd { client_id: Arc<str>, node: u8 },
+    /// Shard → cluster: what a moved session queued here until `node` took over its routes.
+    ClusterSessionTail {
+        client_id: Arc<str>,
+        node: u8,
+        messages: Vec<Arc<Message>>,
+    },
+    /// Cluster → client id's home shard: the tail of a session that moved here.
+    SessionTail {
+        client_id: Arc<str>,
+        messages: Vec<Arc<Message>>,
+    },
     /// Cluster → every shard: list this shard's clients (`kind` 1) or subscriptions (2).
     Query { token: u64, kind: u8 },
     /// Shard → cluster: the rows of a `Query`, one JSON object each.

@@ -62,6 +62,9 @@ const TIMER_SESSION: u64 = 1 << 63;
 const TIMER_SYS: u64 = 1 << 62;
 /// Timer tokens of delayed wills have this bit set (with the session index).
 const TIMER_WILL: u64 = 1 << 61;
+/// How long a session exported to another node is kept here at most, queuing what peers still
+/// route here, if that node never says it routes the session itself (`TakeoverEnd`).
+const MOVE_GRACE_MS: u64 = 5_000;
 
 /// State shared by every shard of the node.
 pub struct NodeShared {
@@ -85,6 +88,9 @@ struct SessionEntry {
     connected_at_ms: u64,
     /// A v5 will waiting for its delay (or the session's end) to pass.
     pending_will: Option<Box<(Will, Protocol, u64)>>,
+    /// Exported to this node, whose routes for it may not have reached every node yet: kept
+    /// until it says they have, queuing what still arrives here for it (its tail).
+    moving_to: Option<u8>,
 }
 
 /// A local subscriber of one filter.
@@ -176,6 +182,9 @@ pub struct Shard {
     resuming: AHashMap<u64, (u32, u32, Box<Connect>, bool)>,
     timers: TimerWheel,
     pending_subacks: AHashMap<u64, PendingSubAck>,
+    /// Sessions moved here, waiting for their new routes to reach every shard before the
+    /// exporting node is told to let go: token → (client id, exporting node, acks awaited).
+    pending_ends: AHashMap<u64, (Arc<str>, u8, usize)>,
     next_token: u64,
     next_client_seq: u64,
     flush_list: Vec<u32>,
@@ -230,6 +239,7 @@ impl Shard {
             resuming: AHashMap::default(),
             timers: TimerWheel::new(0),
             pending_subacks: AHashMap::default(),
+            pending_ends: AHashMap::default(),
             next_token: 1,
             next_client_seq: 0,
             flush_list: Vec::new(),
@@ -657,6 +667,11 @@ impl Shard {
         if self.shared.cluster.peers_up.load(Ordering::Relaxed) > 0 {
             let token = self.next_token;
             self.next_token += 1;
+            let stub = self.by_client.get(connect.client_id.as_str()).copied();
+            if let Some(sidx) = stub.filter(|&s| self.session(s).moving_to.is_some()) {
+                // Back here while moving away: the node it moved to has the session now.
+                self.destroy_session(sidx);
+            }
             let local = self.by_client.contains_key(connect.client_id.as_str());
             let want_session = !connect.clean_start && !local;
             let cluster = self.mesh.cluster();
@@ -696,6 +711,7 @@ impl Shard {
             let sidx = self.new_session(e.client_id.clone(), false);
             let token = self.next_token;
             self.next_token += 1;
+            let mut new_routes = 0;
             for (filter, options, id) in e.subscriptions {
                 let options = options_from_byte(options);
                 let id = NonZeroU32::new(id);
@@ -710,10 +726,17 @@ impl Shard {
                         .metrics
                         .subscriptions
                         .fetch_add(1, Ordering::Relaxed);
-                    self.share_join(sidx, filter, token);
+                    new_routes += self.share_join(sidx, filter, token) as usize;
                 } else {
-                    self.subscribe_one(sidx, filter, options, id, token);
+                    new_routes += self.subscribe_one(sidx, filter, options, id, token) as usize;
                 }
+            }
+            let waiting = new_routes * (self.mesh.shards() - 1);
+            if waiting == 0 {
+                self.takeover_end(e.client_id.clone(), e.node);
+            } else {
+                self.pending_ends
+                    .insert(token, (e.client_id.clone(), e.node, waiting));
             }
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
@@ -729,6 +752,9 @@ impl Shard {
                     .session
                     .enqueue(d, max_queued, policy);
             }
+        } else if e.found {
+            // A session of this id appeared here meanwhile; it gets the tail.
+            self.takeover_end(e.client_id.clone(), e.node);
         }
         if let Some(conn) = self.conns.get_mut(slot, gen) {
             conn.state = ConnState::Connecting;
@@ -794,34 +820,99 @@ impl Shard {
                             )
                         })
                         .collect();
-                    export.messages = entry
-                        .session
-                        .take_messages()
-                        .into_iter()
-                        .map(|d| {
-                            if d.qos == d.msg.qos {
-                                d.msg
-                            } else {
-                                Arc::new(Message {
-                                    topic: d.msg.topic.clone(),
-                                    payload: d.msg.payload.clone(),
-                                    qos: d.qos,
-                                    retain: d.msg.retain,
-                                    properties: d.msg.properties.clone(),
-                                    publisher: d.msg.publisher.clone(),
-                                    expires_at: d.msg.expires_at,
-                                })
-                            }
-                        })
-                        .collect();
+                    export.messages = self.take_for_export(sidx);
                 }
-                self.destroy_session(sidx);
+                if export.found {
+                    // First phase of the move: kept, queuing, until `node` routes it.
+                    let at = self.now_ms + MOVE_GRACE_MS;
+                    let entry = self.session_mut(sidx);
+                    entry.moving_to = Some(node);
+                    entry.expires_at_ms = at;
+                    self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+                } else {
+                    self.destroy_session(sidx);
+                }
             }
         }
         if want_session {
             let cluster = self.mesh.cluster();
             self.mesh
                 .send(cluster, MeshMsg::ClusterSessionExport(Box::new(export)));
+        }
+    }
+
+    /// Takes a session's unacknowledged and queued messages, each at the QoS it was to be
+    /// delivered with, to be sent to the node it moves to.
+    fn take_for_export(&mut self, sidx: u32) -> Vec<Arc<Message>> {
+        self.session_mut(sidx)
+            .session
+            .take_messages()
+            .into_iter()
+            .map(|d| {
+                if d.qos == d.msg.qos {
+                    d.msg
+                } else {
+                    Arc::new(Message {
+                        topic: d.msg.topic.clone(),
+                        payload: d.msg.payload.clone(),
+                        qos: d.qos,
+                        retain: d.msg.retain,
+                        properties: d.msg.properties.clone(),
+                        publisher: d.msg.publisher.clone(),
+                        expires_at: d.msg.expires_at,
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// A session moved here from `node` is routed by every shard here: tell `node`.
+    fn takeover_end(&mut self, client_id: Arc<str>, node: u8) {
+        let cluster = self.mesh.cluster();
+        self.mesh
+            .send(cluster, MeshMsg::ClusterTakeoverEnd { client_id, node });
+    }
+
+    /// Second phase of a move away: `node` routes the session now; send it the tail.
+    fn on_remote_takeover_end(&mut self, client_id: Arc<str>, node: u8) {
+        let Some(sidx) = self.by_client.get(&client_id).copied() else {
+            return;
+        };
+        if self.session(sidx).moving_to != Some(node) {
+            return;
+        }
+        let messages = self.take_for_export(sidx);
+        self.destroy_session(sidx);
+        let cluster = self.mesh.cluster();
+        self.mesh.send(
+            cluster,
+            MeshMsg::ClusterSessionTail {
+                client_id,
+                node,
+                messages,
+            },
+        );
+    }
+
+    /// What the exporting node queued for a session that moved here, after the move began.
+    fn on_session_tail(&mut self, client_id: Arc<str>, messages: Vec<Arc<Message>>) {
+        let Some(sidx) = self.by_client.get(&client_id).copied() else {
+            log::info!(
+                "shard {}: {} late messages for {client_id:?}, which is gone",
+                self.id,
+                messages.len()
+            );
+            return;
+        };
+        for msg in messages {
+            let d = Delivery {
+                qos: msg.qos,
+                retain: false,
+                sub_ids: SmallVec::new(),
+                share: None,
+                msg,
+            };
+            self.deliver(sidx, d);
         }
     }
 
@@ -887,6 +978,8 @@ impl Shard {
             // (MQTT-3.1.3-9).
             entry.pending_will = None;
             entry.connected_at_ms = unix_ms();
+            // Resumed here (no peer was up to take it): it is not moving any more.
+            entry.moving_to = None;
         }
         let keep_alive = if v5 && server_keepalive > 0 {
             server_keepalive
@@ -963,6 +1056,7 @@ impl Shard {
             expires_at_ms: 0,
             connected_at_ms: 0,
             pending_will: None,
+            moving_to: None,
         };
         let idx = match self.free_sessions.pop() {
             Some(i) => {
@@ -2235,6 +2329,13 @@ impl Shard {
                 at_ms,
             } => self.on_remote_takeover(client_id, want_session, token, node, at_ms),
             MeshMsg::SessionImport(e) => self.on_session_import(*e),
+            MeshMsg::RemoteTakeoverEnd { client_id, node } => {
+                self.on_remote_takeover_end(client_id, node)
+            }
+            MeshMsg::SessionTail {
+                client_id,
+                messages,
+            } => self.on_session_tail(client_id, messages),
             MeshMsg::Query { token, kind } => {
                 let rows = self.query_rows(kind);
                 let cluster = self.mesh.cluster();
@@ -2245,6 +2346,8 @@ impl Shard {
             | MeshMsg::ClusterRetain { .. }
             | MeshMsg::ClusterTakeover { .. }
             | MeshMsg::ClusterSessionExport(_)
+            | MeshMsg::ClusterTakeoverEnd { .. }
+            | MeshMsg::ClusterSessionTail { .. }
             | MeshMsg::QueryReply { .. } => {
                 debug_assert!(false, "cluster-bound message delivered to a shard");
             }
@@ -2279,6 +2382,14 @@ impl Shard {
     }
 
     fn on_route_ack(&mut self, token: u64) {
+        if let Some(end) = self.pending_ends.get_mut(&token) {
+            end.2 -= 1;
+            if end.2 == 0 {
+                let (client_id, node, _) = self.pending_ends.remove(&token).expect("present");
+                self.takeover_end(client_id, node);
+            }
+            return;
+        }
         let Some(p) = self.pending_subacks.get_mut(&token) else {
             return;
         };
@@ -2332,11 +2443,20 @@ impl Shard {
                 return;
             }
             if entry.expires_at_ms <= self.now_ms {
-                log::debug!(
-                    "shard {}: session {:?} expired",
-                    self.id,
-                    entry.session.client_id
-                );
+                if entry.moving_to.is_some() {
+                    log::info!(
+                        "shard {}: session {:?} moved away, but its new node never said it \
+                         routes it; dropping what was queued since",
+                        self.id,
+                        entry.session.client_id
+                    );
+                } else {
+                    log::debug!(
+                        "shard {}: session {:?} expired",
+                        self.id,
+                        entry.session.client_id
+                    );
+                }
                 self.destroy_session(sidx);
             } else {
                 let at = entry.expires_at_ms;

@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -204,6 +205,53 @@ def test_persistent_session_roams_to_another_node(cluster):
     assert c2.get().text == "after-move"
     c2.close()
     p1.close()
+
+
+def test_a_session_roaming_while_messages_flow_loses_none(cluster):
+    """The move is two-phase: the old node keeps the session, queuing what peers still route
+    to it, until the new node's routes are out; then it sends that tail. Every QoS 1 message
+    acknowledged to the publisher arrives, before the move or after it."""
+    n1, n2, n3 = cluster
+    cid = f"flow-roamer-{secrets.token_hex(3)}"
+    topic = f"flowroam/{secrets.token_hex(3)}"
+    first = Client(n1.broker, cid=cid, clean_session=False)
+    first.connect()
+    first.subscribe(topic, qos=1)
+    settle()
+    pub = Client(n3.broker, f"flow-pub-{secrets.token_hex(3)}")
+    pub.connect()
+    done, acked = threading.Event(), []
+
+    def publish():
+        i = 0
+        while not done.is_set() and i < 20000:
+            pub.publish(topic, str(i), qos=1)
+            acked.append(i)
+            i += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=publish)
+    t.start()
+    try:
+        time.sleep(0.4)
+        first.close()  # no DISCONNECT: the session stays on n1 with what is in flight
+        time.sleep(0.2)
+        second = Client(n2.broker, cid=cid, clean_session=False)
+        assert second.connect().session_present
+        time.sleep(0.8)
+    finally:
+        done.set()
+        t.join()
+    got = {int(m.text) for m in list(first.messages.queue)}
+    while True:
+        try:
+            got.add(int(second.get(timeout=1.0).text))
+        except AssertionError:  # nothing more within a second
+            break
+    missing = [i for i in acked if i not in got]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages lost: {missing[:10]}"
+    second.close()
+    pub.close()
 
 
 def test_same_client_id_on_another_node_closes_the_first(cluster):
