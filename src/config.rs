@@ -217,6 +217,34 @@ fn int(t: &Table, key: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
     Ok(v)
 }
 
+/// A duration written as EMQX writes them: a number with a unit (`500ms`, `30s`, `5m`, `24h`,
+/// `7d`); `0` or `off` is zero.
+fn duration_ms(t: &Table, key: &str) -> Result<u64, ConfigError> {
+    let v = string(t, key).trim();
+    if v == "0" || v == "off" {
+        return Ok(0);
+    }
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(bad(
+                key,
+                format!("{v:?} is not a duration like 30s, 5m or 24h"),
+            ))
+        }
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| bad(key, format!("{v:?} is not a duration like 30s, 5m or 24h")))
+}
+
 fn string<'a>(t: &'a Table, key: &str) -> &'a str {
     get(t, key)
         .as_str()
@@ -335,6 +363,7 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         discovery,
         heartbeat_ms: int(t, "cluster.heartbeat_ms", 50, 60_000)? as u64,
         down_after_ms: int(t, "cluster.down_after_ms", 100, 600_000)? as u64,
+        autoclean_ms: duration_ms(t, "cluster.autoclean")?,
         link_buffer_bytes: int(t, "cluster.link_buffer_bytes", 65_536, 1 << 34)? as usize,
         data_dir: string(t, "node.data_dir").into(),
     };
@@ -390,6 +419,26 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn autoclean_takes_emqx_style_durations() {
+        let ms = |v: &str| {
+            load(None, env(&[("SHARDMQ_CLUSTER__AUTOCLEAN", v)]))
+                .map(|s| s.broker.cluster.autoclean_ms)
+        };
+        assert_eq!(
+            load(None, env(&[])).unwrap().broker.cluster.autoclean_ms,
+            86_400_000
+        );
+        assert_eq!(ms("5m").unwrap(), 300_000);
+        assert_eq!(ms("1500ms").unwrap(), 1500);
+        assert_eq!(ms("7d").unwrap(), 604_800_000);
+        assert_eq!(ms("off").unwrap(), 0);
+        for wrong in ["5", "m", "5 min", "-1s", "99999999999999999999d"] {
+            let e = ms(wrong).unwrap_err().to_string();
+            assert!(e.contains("cluster.autoclean"), "{wrong}: {e}");
+        }
     }
 
     #[test]

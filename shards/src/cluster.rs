@@ -63,6 +63,8 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// Silence after which a peer is marked down, in ms.
     pub down_after_ms: u64,
+    /// A peer down this long (ms) is removed from the cluster (EMQX's autoclean); 0 = never.
+    pub autoclean_ms: u64,
     /// Where the member list is kept across restarts.
     pub data_dir: PathBuf,
     /// Bytes a shard queues on its link to one peer before it drops QoS 0 and pauses its
@@ -78,6 +80,7 @@ impl Default for ClusterConfig {
             discovery: Discovery::Manual,
             heartbeat_ms: 1000,
             down_after_ms: 5000,
+            autoclean_ms: 24 * 3600 * 1000,
             data_dir: PathBuf::from("./data"),
             link_buffer_bytes: 16 * 1024 * 1024,
         }
@@ -160,6 +163,8 @@ struct Peer {
     route_seq: u64,
     /// Bumped each time the peer comes up; data links carry it.
     epoch: u32,
+    /// Since when it is down (for autoclean).
+    down_since: Instant,
 }
 
 /// One TCP connection to a peer, before or after the handshake.
@@ -591,6 +596,7 @@ impl Cluster {
             if self.peers[p].state == PeerState::Up {
                 log::warn!("cluster: node {name} is down ({why})");
                 self.peers[p].state = PeerState::Down;
+                self.peers[p].down_since = Instant::now();
                 self.peer_down(p);
             }
         }
@@ -635,6 +641,7 @@ impl Cluster {
             routes: HashSet::new(),
             route_seq: 0,
             epoch: 0,
+            down_since: Instant::now(),
         });
         Some(self.peers.len() - 1)
     }
@@ -1219,10 +1226,35 @@ impl Cluster {
         }
         if self.last_heartbeat.elapsed() >= Duration::from_millis(self.cfg.heartbeat_ms) {
             self.last_heartbeat = now;
+            self.autoclean();
             for (_, link) in self.up_links() {
                 self.send_heartbeat(link);
             }
             self.redial();
+        }
+    }
+
+    /// Removes peers down for longer than `autoclean_ms`: no longer listed or dialled, and
+    /// not in the saved member list. One that comes back and dials in rejoins.
+    fn autoclean(&mut self) {
+        if self.cfg.autoclean_ms == 0 {
+            return;
+        }
+        let limit = Duration::from_millis(self.cfg.autoclean_ms);
+        let mut cleaned = false;
+        for peer in &mut self.peers {
+            if peer.state == PeerState::Down && peer.down_since.elapsed() >= limit {
+                log::info!(
+                    "cluster: node {} was down for {} s; removed (autoclean)",
+                    peer.name,
+                    limit.as_secs()
+                );
+                peer.state = PeerState::Gone;
+                cleaned = true;
+            }
+        }
+        if cleaned {
+            self.save_members();
         }
     }
 

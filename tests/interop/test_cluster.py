@@ -385,6 +385,26 @@ def test_killed_node_is_marked_down_and_rejoins_with_its_routes(cluster):
         c.close()
 
 
+def test_a_node_down_longer_than_autoclean_is_removed_and_may_rejoin(tmp_path):
+    fast = {"SHARDMQ_CLUSTER__AUTOCLEAN": "1s"}
+    a = Node(tmp_path, 1, extra=fast).start()
+    b = Node(tmp_path, 2, extra=fast).start()
+    try:
+        b.ctl("cluster", "join", a.addr)
+        wait_for(lambda: all_running([a, b]), what="2 running nodes")
+        kill(b.broker)
+        wait_for(lambda: a.status().get(b.name) == "down", what="b down on a")
+        wait_for(lambda: b.name not in a.status(), timeout=4, what="b removed from a")
+        assert "autoclean" in a.log()
+        assert b.name not in (a.workdir / "data" / "cluster_members").read_text()
+        # b still knows a: restarted, it dials a and is a member again.
+        b.start()
+        wait_for(lambda: all_running([a, b]), timeout=6, what="b back")
+    finally:
+        stop(a.broker)
+        stop(b.broker)
+
+
 def cut_links(a: Node, b: Node) -> int:
     """Destroys every TCP connection between nodes a and b (control and data links, dialled
     either way) with `ss -K`, as a network fault would; returns how many were cut."""
