@@ -27,6 +27,8 @@ pub struct WireMessage {
     pub properties: Bytes,
     /// Milliseconds left before the message expires, 0 = never.
     pub expiry_ms: u64,
+    /// Cluster-wide id of the publish (0 = none), to keep one copy of it per moved session.
+    pub id: u64,
 }
 
 /// A subscription moving with a session.
@@ -92,6 +94,9 @@ pub enum Frame {
         found: bool,
         subscriptions: Vec<WireSubscription>,
         messages: Vec<WireMessage>,
+        /// Packet ids of QoS 2 messages released to the client (PUBREL sent) but not completed:
+        /// the new node sends PUBREL for them again, with the same ids (MQTT-4.4.0-1).
+        pubrel: Vec<u16>,
     },
     /// A management question (`kind`: 1 clients, 2 subscriptions) for the receiver's shards.
     Query { token: u64, kind: u8 },
@@ -128,6 +133,7 @@ fn put_msg_head(out: &mut BytesMut, m: &WireMessage) {
     put_str(out, &m.publisher);
     put_bytes(out, &m.properties);
     out.put_u64(m.expiry_ms);
+    out.put_u64(m.id);
     out.put_u32(m.payload.len() as u32);
 }
 
@@ -252,6 +258,7 @@ impl Frame {
                 found,
                 subscriptions,
                 messages,
+                pubrel,
             } => {
                 out.put_u64(*token);
                 put_str(out, client_id);
@@ -265,6 +272,10 @@ impl Frame {
                 out.put_u32(messages.len() as u32);
                 for m in messages {
                     put_msg(out, m);
+                }
+                out.put_u32(pubrel.len() as u32);
+                for p in pubrel {
+                    out.put_u16(*p);
                 }
             }
             Frame::Query { token, kind } => {
@@ -367,6 +378,7 @@ impl<'a> Cursor<'a> {
             publisher: self.string()?,
             properties: Bytes::copy_from_slice(self.bytes()?),
             expiry_ms: self.u64()?,
+            id: self.u64()?,
             payload: Bytes::copy_from_slice(self.bytes()?),
         })
     }
@@ -453,12 +465,18 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             for _ in 0..n {
                 messages.push(c.msg()?);
             }
+            let n = c.count(2)?;
+            let mut pubrel = Vec::with_capacity(n);
+            for _ in 0..n {
+                pubrel.push(c.u16()?);
+            }
             Frame::SessionTransfer {
                 token,
                 client_id,
                 found,
                 subscriptions,
                 messages,
+                pubrel,
             }
         }
         13 => Frame::Query {
@@ -596,6 +614,7 @@ mod tests {
             publisher: "p".into(),
             properties: Bytes::new(),
             expiry_ms: 5,
+            id: 7 << 40 | 9,
         }
     }
 
@@ -653,6 +672,7 @@ mod tests {
                     id: 0,
                 }],
                 messages: vec![msg()],
+                pubrel: vec![3, 65535],
             },
             Frame::Query { token: 5, kind: 1 },
             Frame::QueryReply {

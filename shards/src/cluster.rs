@@ -963,6 +963,7 @@ impl Cluster {
                 found,
                 subscriptions,
                 messages,
+                pubrel,
             } => {
                 let export = found.then(|| {
                     Box::new(SessionExport {
@@ -975,6 +976,7 @@ impl Cluster {
                             .map(|s| (Arc::from(s.filter.as_str()), s.options, s.id))
                             .collect(),
                         messages: messages.into_iter().filter_map(from_wire).collect(),
+                        pubrel,
                     })
                 });
                 self.takeover_answer(token, node, export);
@@ -1125,6 +1127,7 @@ impl Cluster {
                         })
                         .collect(),
                     messages: e.messages.iter().map(|m| to_wire(m)).collect(),
+                    pubrel: e.pubrel.clone(),
                 };
                 self.send(link, &frame);
             }
@@ -1184,6 +1187,7 @@ impl Cluster {
                 found: false,
                 subscriptions: Vec::new(),
                 messages: Vec::new(),
+                pubrel: Vec::new(),
             })
         });
         self.mesh
@@ -1536,6 +1540,7 @@ pub fn to_wire(m: &Message) -> WireMessage {
                     .max(1) as u64
             })
             .unwrap_or(0),
+        id: m.id,
     }
 }
 
@@ -1560,6 +1565,7 @@ pub fn from_wire(w: WireMessage) -> Option<Arc<Message>> {
         properties,
         publisher: w.publisher.into(),
         expires_at: (w.expiry_ms > 0).then(|| Instant::now() + Duration::from_millis(w.expiry_ms)),
+        id: w.id,
     }))
 }
 
@@ -1591,8 +1597,10 @@ mod tests {
             })),
             publisher: "p".into(),
             expires_at: None,
+            id: 42,
         };
         let back = from_wire(to_wire(&m)).unwrap();
+        assert_eq!(back.id, 42);
         assert_eq!(back.topic, m.topic);
         assert_eq!(back.properties, m.properties);
         assert_eq!((back.qos, back.retain), (m.qos, m.retain));

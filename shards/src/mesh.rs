@@ -154,6 +154,8 @@ pub struct SessionExport {
     pub subscriptions: Vec<(Arc<str>, u8, u32)>,
     /// In-flight then queued messages, oldest first.
     pub messages: Vec<Arc<Message>>,
+    /// Packet ids awaiting PUBCOMP (PUBREL sent), kept with their ids.
+    pub pubrel: Vec<u16>,
 }
 
 /// A cluster data link moving from the cluster thread, which set it up, to a shard.

@@ -20,4 +20,7 @@ pub struct Message {
     pub publisher: Arc<str>,
     /// When the v5 Message Expiry Interval runs out; queued copies are dropped after it.
     pub expires_at: Option<std::time::Instant>,
+    /// Cluster-wide id of a client's publish or will (0 for others): a session that moves
+    /// between nodes can get one both directly and in its old node's tail, and keeps one.
+    pub id: u64,
 }

@@ -241,6 +241,41 @@ impl Session {
 
     /// Removes every message not yet acknowledged, in-flight first then queued, for a
     /// session moving to another node (PUBREL-stage ones are done for the receiver).
+    /// Packet ids of QoS 2 messages released (PUBREL sent) and awaiting PUBCOMP.
+    pub fn released_ids(&self) -> Vec<u16> {
+        self.inflight
+            .iter()
+            .filter(|i| i.state == InflightState::AwaitPubComp)
+            .map(|i| i.packet_id)
+            .collect()
+    }
+
+    /// A released QoS 2 message whose session moved here: only its PUBREL is left to send
+    /// (again, with the same packet id), so it carries an empty message.
+    pub fn restore_released(&mut self, packet_id: u16) {
+        let msg = Arc::new(Message {
+            topic: "".into(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: None,
+            publisher: "".into(),
+            expires_at: None,
+            id: 0,
+        });
+        self.inflight.push_back(Inflight {
+            packet_id,
+            state: InflightState::AwaitPubComp,
+            delivery: Delivery {
+                msg,
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                sub_ids: SmallVec::new(),
+                share: None,
+            },
+        });
+    }
+
     pub fn take_messages(&mut self) -> Vec<Delivery> {
         let mut out: Vec<Delivery> = self
             .inflight
@@ -306,6 +341,7 @@ mod tests {
                 properties: None,
                 publisher: "p".into(),
                 expires_at: None,
+                id: 0,
             }),
             qos,
             retain: false,

@@ -65,6 +65,10 @@ const TIMER_WILL: u64 = 1 << 61;
 /// How long a session exported to another node is kept here at most, queuing what peers still
 /// route here, if that node never says it routes the session itself (`TakeoverEnd`).
 const MOVE_GRACE_MS: u64 = 5_000;
+/// How long a moved session lingers after the new node said it routes it: a peer that
+/// learns the new routes later than the old node learns the end still sends here meanwhile
+/// (the new node keeps one copy of what it gets both ways).
+const MOVE_LINGER_MS: u64 = 1_000;
 
 /// State shared by every shard of the node.
 pub struct NodeShared {
@@ -91,7 +95,25 @@ struct SessionEntry {
     /// Exported to this node, whose routes for it may not have reached every node yet: kept
     /// until it says they have, queuing what still arrives here for it (its tail).
     moving_to: Option<u8>,
+    /// The new node said it routes the session: what still arrives goes to it when the
+    /// linger is over.
+    move_ended: bool,
+    /// Moved here from another node: ids of the messages it got since, so that one arriving
+    /// both directly and in the old node's tail is delivered once.
+    seen: Option<Box<SeenIds>>,
 }
+
+/// Message ids a moved session has been given, until `until_ms`.
+struct SeenIds {
+    ids: ahash::AHashSet<u64>,
+    until_ms: u64,
+}
+
+/// How long after its tail a moved session still looks for copies (a direct copy can trail
+/// the tail when the publisher's node is slower to reach).
+const TAIL_OVERLAP_MS: u64 = 2_000;
+/// Most ids a moved session remembers; past it, it stops looking (a duplicate can get out).
+const SEEN_IDS_MAX: usize = 100_000;
 
 /// A local subscriber of one filter.
 #[derive(Clone, Copy)]
@@ -187,6 +209,8 @@ pub struct Shard {
     pending_ends: AHashMap<u64, (Arc<str>, u8, usize)>,
     next_token: u64,
     next_client_seq: u64,
+    /// Upper half: random per shard and process; lower half: a counter. See `Message::id`.
+    next_message_id: u64,
     flush_list: Vec<u32>,
     /// Data links to and from other nodes.
     links: Links,
@@ -242,6 +266,7 @@ impl Shard {
             pending_ends: AHashMap::default(),
             next_token: 1,
             next_client_seq: 0,
+            next_message_id: random_id_base(),
             flush_list: Vec::new(),
             links: Links::default(),
             paused: false,
@@ -709,6 +734,11 @@ impl Shard {
                 e.client_id
             );
             let sidx = self.new_session(e.client_id.clone(), false);
+            let until_ms = self.now_ms + MOVE_GRACE_MS + TAIL_OVERLAP_MS;
+            self.session_mut(sidx).seen = Some(Box::new(SeenIds {
+                ids: Default::default(),
+                until_ms,
+            }));
             let token = self.next_token;
             self.next_token += 1;
             let mut new_routes = 0;
@@ -737,6 +767,9 @@ impl Shard {
             } else {
                 self.pending_ends
                     .insert(token, (e.client_id.clone(), e.node, waiting));
+            }
+            for pid in e.pubrel {
+                self.session_mut(sidx).session.restore_released(pid);
             }
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
@@ -785,6 +818,7 @@ impl Shard {
             found: false,
             subscriptions: Vec::new(),
             messages: Vec::new(),
+            pubrel: Vec::new(),
         };
         let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
             self.session(s).conn.is_some() && self.session(s).connected_at_ms > at_ms
@@ -820,6 +854,7 @@ impl Shard {
                             )
                         })
                         .collect();
+                    export.pubrel = self.session(sidx).session.released_ids();
                     export.messages = self.take_for_export(sidx);
                 }
                 if export.found {
@@ -841,6 +876,13 @@ impl Shard {
         }
     }
 
+    fn next_message_id(&mut self) -> u64 {
+        let id = self.next_message_id;
+        // The counter wraps within the lower half; the upper half stays.
+        self.next_message_id = (id & !0xFFFF_FFFF) | ((id + 1) & 0xFFFF_FFFF);
+        id
+    }
+
     /// Takes a session's unacknowledged and queued messages, each at the QoS it was to be
     /// delivered with, to be sent to the node it moves to.
     fn take_for_export(&mut self, sidx: u32) -> Vec<Arc<Message>> {
@@ -848,21 +890,7 @@ impl Shard {
             .session
             .take_messages()
             .into_iter()
-            .map(|d| {
-                if d.qos == d.msg.qos {
-                    d.msg
-                } else {
-                    Arc::new(Message {
-                        topic: d.msg.topic.clone(),
-                        payload: d.msg.payload.clone(),
-                        qos: d.qos,
-                        retain: d.msg.retain,
-                        properties: d.msg.properties.clone(),
-                        publisher: d.msg.publisher.clone(),
-                        expires_at: d.msg.expires_at,
-                    })
-                }
-            })
+            .map(exported)
             .collect()
     }
 
@@ -878,11 +906,23 @@ impl Shard {
         let Some(sidx) = self.by_client.get(&client_id).copied() else {
             return;
         };
-        if self.session(sidx).moving_to != Some(node) {
+        if self.session(sidx).moving_to != Some(node) || self.session(sidx).move_ended {
             return;
         }
+        self.send_tail(sidx, client_id, node);
+        let at = self.now_ms + MOVE_LINGER_MS;
+        let entry = self.session_mut(sidx);
+        entry.move_ended = true;
+        entry.expires_at_ms = at;
+        self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+    }
+
+    /// Sends what a moving session queued to the node it moved to.
+    fn send_tail(&mut self, sidx: u32, client_id: Arc<str>, node: u8) {
         let messages = self.take_for_export(sidx);
-        self.destroy_session(sidx);
+        if messages.is_empty() {
+            return;
+        }
         let cluster = self.mesh.cluster();
         self.mesh.send(
             cluster,
@@ -904,7 +944,14 @@ impl Shard {
             );
             return;
         };
+        let until_ms = self.now_ms + TAIL_OVERLAP_MS;
+        if let Some(seen) = self.session_mut(sidx).seen.as_mut() {
+            seen.until_ms = until_ms;
+        }
         for msg in messages {
+            if !self.first_copy(sidx, msg.id) {
+                continue;
+            }
             let d = Delivery {
                 qos: msg.qos,
                 retain: false,
@@ -914,6 +961,20 @@ impl Shard {
             };
             self.deliver(sidx, d);
         }
+    }
+
+    /// False if a session that moved here recently was already given message `id`.
+    fn first_copy(&mut self, sidx: u32, id: u64) -> bool {
+        let now = self.now_ms;
+        let entry = self.session_mut(sidx);
+        let Some(seen) = entry.seen.as_mut() else {
+            return true;
+        };
+        if now > seen.until_ms || seen.ids.len() >= SEEN_IDS_MAX {
+            entry.seen = None;
+            return true;
+        }
+        id == 0 || seen.ids.insert(id)
     }
 
     fn attach_local(&mut self, slot: u32, gen: u32, connect: Box<Connect>, assigned: bool) {
@@ -1057,6 +1118,8 @@ impl Shard {
             connected_at_ms: 0,
             pending_will: None,
             moving_to: None,
+            move_ended: false,
+            seen: None,
         };
         let idx = match self.free_sessions.pop() {
             Some(i) => {
@@ -1276,7 +1339,8 @@ impl Shard {
         // Clients may not publish into $SYS (EMQX ignores such messages too).
         if route && !p.topic.starts_with("$SYS") {
             let publisher = self.session(sidx).session.client_id.clone();
-            let msg = Arc::new(message_from(p, publisher));
+            let id = self.next_message_id();
+            let msg = Arc::new(message_from(p, publisher, id));
             if msg.retain && self.cfg().retain_available {
                 self.set_retained(&msg);
             }
@@ -2073,6 +2137,9 @@ impl Shard {
             if !any {
                 continue;
             }
+            if !self.first_copy(sidx, msg.id) {
+                continue;
+            }
             let d = Delivery {
                 msg: msg.clone(),
                 qos: msg.qos.min(qos),
@@ -2091,6 +2158,26 @@ impl Shard {
             let c = self.cfg();
             (c.max_queued_messages, c.queue_drop_policy, c.queue_qos0)
         };
+        let entry = self.session_mut(sidx);
+        if let Some(node) = entry.moving_to {
+            if entry.move_ended {
+                // Lingering: straight on to the node it moved to (which keeps one copy).
+                let client_id = entry.session.client_id.clone();
+                let cluster = self.mesh.cluster();
+                let messages = vec![exported(d)];
+                let msg = MeshMsg::ClusterSessionTail {
+                    client_id,
+                    node,
+                    messages,
+                };
+                self.mesh.send(cluster, msg);
+            } else {
+                // Its tail: bounded by the move's grace time, not the queue limit, since
+                // dropping any of it loses what no other node has.
+                entry.session.enqueue(d, usize::MAX, policy);
+            }
+            return;
+        }
         let window = self.window(sidx);
         let entry = self.session_mut(sidx);
         let conn_slot = entry.conn;
@@ -2443,7 +2530,10 @@ impl Shard {
                 return;
             }
             if entry.expires_at_ms <= self.now_ms {
-                if entry.moving_to.is_some() {
+                if let (Some(node), true) = (entry.moving_to, entry.move_ended) {
+                    let client_id = entry.session.client_id.clone();
+                    self.send_tail(sidx, client_id, node);
+                } else if entry.moving_to.is_some() {
                     log::info!(
                         "shard {}: session {:?} moved away, but its new node never said it \
                          routes it; dropping what was queued since",
@@ -2569,6 +2659,7 @@ impl Shard {
                 properties: None,
                 publisher: publisher.clone(),
                 expires_at: None,
+                id: 0,
             };
             self.route(Arc::new(msg));
         }
@@ -2745,6 +2836,7 @@ impl Shard {
             properties,
             publisher,
             expires_at,
+            id: self.next_message_id(),
         });
         if msg.retain && self.cfg().retain_available {
             self.set_retained(&msg);
@@ -3023,7 +3115,31 @@ fn conn_token(slot: u32, gen: u32) -> u64 {
     ((gen as u64) << 32) | slot as u64
 }
 
-fn message_from(p: Publish, publisher: Arc<str>) -> Message {
+/// A random upper half for this shard's message ids, never zero (0 means "no id").
+fn random_id_base() -> u64 {
+    use std::hash::BuildHasher;
+    let high = std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 32;
+    high.max(1) << 32
+}
+
+/// A delivery as another node gets it: the message at the QoS it was to be delivered with.
+fn exported(d: Delivery) -> Arc<Message> {
+    if d.qos == d.msg.qos {
+        return d.msg;
+    }
+    Arc::new(Message {
+        topic: d.msg.topic.clone(),
+        payload: d.msg.payload.clone(),
+        qos: d.qos,
+        retain: d.msg.retain,
+        properties: d.msg.properties.clone(),
+        publisher: d.msg.publisher.clone(),
+        expires_at: d.msg.expires_at,
+        id: d.msg.id,
+    })
+}
+
+fn message_from(p: Publish, publisher: Arc<str>, id: u64) -> Message {
     let properties = if p.properties.is_empty() {
         None
     } else {
@@ -3045,6 +3161,7 @@ fn message_from(p: Publish, publisher: Arc<str>) -> Message {
         properties,
         publisher,
         expires_at,
+        id,
     }
 }
 

@@ -171,6 +171,7 @@ mod tests {
             properties: None,
             publisher: publisher.into(),
             expires_at: None,
+            id: 0,
         }
     }
 

@@ -324,7 +324,8 @@ class MosquittoSub:
         self.proc = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         return self
 
     def _read(self):
@@ -356,7 +357,10 @@ class MosquittoSub:
     def wait(self, timeout: float = WAIT) -> int:
         """Waits for the process to exit by itself (e.g. after -C N messages)."""
         try:
-            return self.proc.wait(timeout=timeout)
+            status = self.proc.wait(timeout=timeout)
+            # Its last lines may still be in the pipe: the reader ends at end of file.
+            self.reader.join(timeout=2)
+            return status
         except subprocess.TimeoutExpired:
             self.stop()
             raise AssertionError(
