@@ -97,6 +97,9 @@ pub enum Frame {
         /// Packet ids of QoS 2 messages released to the client (PUBREL sent) but not completed:
         /// the new node sends PUBREL for them again, with the same ids (MQTT-4.4.0-1).
         pubrel: Vec<u16>,
+        /// Packet ids of the first `sent_ids.len()` of `messages`, which were in flight: the
+        /// new node sends them again (DUP) under the same ids.
+        sent_ids: Vec<u16>,
     },
     /// A management question (`kind`: 1 clients, 2 subscriptions) for the receiver's shards.
     Query { token: u64, kind: u8 },
@@ -259,6 +262,7 @@ impl Frame {
                 subscriptions,
                 messages,
                 pubrel,
+                sent_ids,
             } => {
                 out.put_u64(*token);
                 put_str(out, client_id);
@@ -273,9 +277,11 @@ impl Frame {
                 for m in messages {
                     put_msg(out, m);
                 }
-                out.put_u32(pubrel.len() as u32);
-                for p in pubrel {
-                    out.put_u16(*p);
+                for ids in [pubrel, sent_ids] {
+                    out.put_u32(ids.len() as u32);
+                    for p in ids {
+                        out.put_u16(*p);
+                    }
                 }
             }
             Frame::Query { token, kind } => {
@@ -465,10 +471,17 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             for _ in 0..n {
                 messages.push(c.msg()?);
             }
-            let n = c.count(2)?;
-            let mut pubrel = Vec::with_capacity(n);
-            for _ in 0..n {
-                pubrel.push(c.u16()?);
+            let mut ids = [Vec::new(), Vec::new()];
+            for list in &mut ids {
+                let n = c.count(2)?;
+                list.reserve(n);
+                for _ in 0..n {
+                    list.push(c.u16()?);
+                }
+            }
+            let [pubrel, sent_ids] = ids;
+            if sent_ids.len() > messages.len() {
+                return Err(FrameError::Malformed("more packet ids than messages"));
             }
             Frame::SessionTransfer {
                 token,
@@ -477,6 +490,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                 subscriptions,
                 messages,
                 pubrel,
+                sent_ids,
             }
         }
         13 => Frame::Query {
@@ -673,6 +687,7 @@ mod tests {
                 }],
                 messages: vec![msg()],
                 pubrel: vec![3, 65535],
+                sent_ids: vec![9],
             },
             Frame::Query { token: 5, kind: 1 },
             Frame::QueryReply {

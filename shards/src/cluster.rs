@@ -964,6 +964,7 @@ impl Cluster {
                 subscriptions,
                 messages,
                 pubrel,
+                sent_ids,
             } => {
                 let export = found.then(|| {
                     Box::new(SessionExport {
@@ -977,6 +978,7 @@ impl Cluster {
                             .collect(),
                         messages: messages.into_iter().filter_map(from_wire).collect(),
                         pubrel,
+                        sent_ids,
                     })
                 });
                 self.takeover_answer(token, node, export);
@@ -1128,6 +1130,7 @@ impl Cluster {
                         .collect(),
                     messages: e.messages.iter().map(|m| to_wire(m)).collect(),
                     pubrel: e.pubrel.clone(),
+                    sent_ids: e.sent_ids.clone(),
                 };
                 self.send(link, &frame);
             }
@@ -1188,6 +1191,7 @@ impl Cluster {
                 subscriptions: Vec::new(),
                 messages: Vec::new(),
                 pubrel: Vec::new(),
+                sent_ids: Vec::new(),
             })
         });
         self.mesh

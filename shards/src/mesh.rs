@@ -156,6 +156,8 @@ pub struct SessionExport {
     pub messages: Vec<Arc<Message>>,
     /// Packet ids awaiting PUBCOMP (PUBREL sent), kept with their ids.
     pub pubrel: Vec<u16>,
+    /// Packet ids of the first messages, which were in flight.
+    pub sent_ids: Vec<u16>,
 }
 
 /// A cluster data link moving from the cluster thread, which set it up, to a shard.

@@ -140,8 +140,15 @@ impl Session {
     /// Puts a QoS 1/2 delivery straight into the window (the caller checked there is room)
     /// and returns its packet id.
     pub fn start_inflight(&mut self, d: Delivery) -> u16 {
-        debug_assert!(d.qos != QoS::AtMostOnce);
         let packet_id = self.alloc_packet_id();
+        self.restore_inflight(packet_id, d);
+        packet_id
+    }
+
+    /// Puts a QoS 1/2 delivery in flight under a given packet id: one that was in flight when
+    /// its session moved here keeps its id, so the client sees it again as a DUP of it.
+    pub fn restore_inflight(&mut self, packet_id: u16, d: Delivery) {
+        debug_assert!(d.qos != QoS::AtMostOnce);
         let state = if d.qos == QoS::AtLeastOnce {
             InflightState::AwaitPubAck
         } else {
@@ -152,7 +159,6 @@ impl Session {
             state,
             delivery: d,
         });
-        packet_id
     }
 
     /// True when a delivery can bypass the queue: nothing queued ahead of it and, for QoS 1/2,
@@ -241,6 +247,15 @@ impl Session {
 
     /// Removes every message not yet acknowledged, in-flight first then queued, for a
     /// session moving to another node (PUBREL-stage ones are done for the receiver).
+    /// Packet ids of the in-flight messages `take_messages` returns first, in its order.
+    pub fn sent_ids(&self) -> Vec<u16> {
+        self.inflight
+            .iter()
+            .filter(|i| i.state != InflightState::AwaitPubComp)
+            .map(|i| i.packet_id)
+            .collect()
+    }
+
     /// Packet ids of QoS 2 messages released (PUBREL sent) and awaiting PUBCOMP.
     pub fn released_ids(&self) -> Vec<u16> {
         self.inflight

@@ -773,7 +773,7 @@ impl Shard {
             }
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
-            for msg in e.messages {
+            for (i, msg) in e.messages.into_iter().enumerate() {
                 let d = Delivery {
                     qos: msg.qos,
                     retain: false,
@@ -781,9 +781,14 @@ impl Shard {
                     share: None,
                     msg,
                 };
-                self.session_mut(sidx)
-                    .session
-                    .enqueue(d, max_queued, policy);
+                let session = &mut self.session_mut(sidx).session;
+                match e.sent_ids.get(i) {
+                    // In flight there: again, as a DUP under its packet id (MQTT-4.4.0-1).
+                    Some(&pid) if d.qos != QoS::AtMostOnce => session.restore_inflight(pid, d),
+                    _ => {
+                        session.enqueue(d, max_queued, policy);
+                    }
+                }
             }
         } else if e.found {
             // A session of this id appeared here meanwhile; it gets the tail.
@@ -819,6 +824,7 @@ impl Shard {
             subscriptions: Vec::new(),
             messages: Vec::new(),
             pubrel: Vec::new(),
+            sent_ids: Vec::new(),
         };
         let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
             self.session(s).conn.is_some() && self.session(s).connected_at_ms > at_ms
@@ -855,6 +861,7 @@ impl Shard {
                         })
                         .collect();
                     export.pubrel = self.session(sidx).session.released_ids();
+                    export.sent_ids = self.session(sidx).session.sent_ids();
                     export.messages = self.take_for_export(sidx);
                 }
                 if export.found {

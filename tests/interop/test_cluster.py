@@ -294,10 +294,11 @@ def raw_read(sock: socket.socket) -> tuple[int, bytes]:
             return first, exact(length)
 
 
-def test_a_released_qos2_message_is_completed_on_the_node_the_session_moves_to(cluster):
-    """A QoS 2 message whose PUBREL the client got but did not complete before its
-    connection dropped: the node the session moves to sends that PUBREL again, with the same
-    packet id (MQTT-4.4.0-1), so the client can hand the message over exactly once."""
+def test_qos2_messages_in_flight_keep_their_packet_ids_when_the_session_moves(cluster):
+    """Two QoS 2 messages in flight when the client's connection dropped, one released
+    (PUBREL got, no PUBCOMP) and one not acknowledged at all: the node the session moves to
+    sends that PUBREL and that PUBLISH (DUP) again under the same packet ids (MQTT-4.4.0-1),
+    so a client that kept its state hands each message over exactly once."""
     n1, n2, n3 = cluster
     cid, topic = f"rel-{secrets.token_hex(3)}", f"rel/{secrets.token_hex(3)}"
     sock, _ = raw_connect(n1, cid)
@@ -307,19 +308,29 @@ def test_a_released_qos2_message_is_completed_on_the_node_the_session_moves_to(c
     settle()
     pub = Client(n3.broker, f"rel-pub-{secrets.token_hex(3)}")
     pub.connect()
-    pub.publish(topic, "once", qos=2)
-    kind, body = raw_read(sock)
-    assert kind & 0xF0 == 0x30, kind
-    tlen = struct.unpack(">H", body[:2])[0]
-    pid = struct.unpack(">H", body[2 + tlen:4 + tlen])[0]
-    sock.sendall(bytes([0x50, 2]) + struct.pack(">H", pid))  # PUBREC
-    assert raw_read(sock) == (0x62, struct.pack(">H", pid))  # PUBREL; no PUBCOMP from us
+
+    def publish_id(packet: tuple[int, bytes]) -> tuple[int, int, bytes]:
+        kind, body = packet
+        assert kind & 0xF0 == 0x30, kind
+        tlen = struct.unpack(">H", body[:2])[0]
+        return kind, struct.unpack(">H", body[2 + tlen:4 + tlen])[0], body[4 + tlen:]
+
+    pub.publish(topic, "released", qos=2)
+    _, released, _ = publish_id(raw_read(sock))
+    sock.sendall(bytes([0x50, 2]) + struct.pack(">H", released))  # PUBREC
+    assert raw_read(sock) == (0x62, struct.pack(">H", released))  # PUBREL; no PUBCOMP from us
+    pub.publish(topic, "unacknowledged", qos=2)
+    _, unacked, _ = publish_id(raw_read(sock))  # no PUBREC from us
     sock.close()
     settle()
     again, present = raw_connect(n2, cid)
     assert present == 1
-    assert raw_read(again) == (0x62, struct.pack(">H", pid)), "PUBREL again, same packet id"
-    again.sendall(bytes([0x70, 2]) + struct.pack(">H", pid))  # PUBCOMP
+    got = [raw_read(again) for _ in range(2)]
+    pubrel = [p for p in got if p[0] == 0x62]
+    assert pubrel == [(0x62, struct.pack(">H", released))], got
+    kind, pid, payload = publish_id(next(p for p in got if p[0] != 0x62))
+    assert (kind & 0x08, pid, payload) == (0x08, unacked, b"unacknowledged"), got
+    again.sendall(bytes([0x70, 2]) + struct.pack(">H", released))  # PUBCOMP
     again.close()
     pub.close()
 
