@@ -724,9 +724,19 @@ impl Shard {
         let Some((slot, gen, connect, assigned)) = self.resuming.remove(&e.token) else {
             return;
         };
-        if self.conns.get_mut(slot, gen).is_none() {
+        // A client gone while its session was on the way still has that session (offline)
+        // for as long as its CONNECT asked, as if it had connected and dropped.
+        let gone = self.conns.get_mut(slot, gen).is_none();
+        let keep_ms = if connect.protocol == Protocol::V5 {
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            asked.min(self.cfg().session_expiry_interval_s) as u64 * 1000
+        } else {
+            self.cfg().session_expiry_interval_s as u64 * 1000
+        };
+        if gone && (!e.found || keep_ms == 0) {
             return;
         }
+        let mut imported = None;
         if e.found && !self.by_client.contains_key(&*e.client_id) {
             log::info!(
                 "shard {}: session {:?} moved here from another node",
@@ -734,6 +744,7 @@ impl Shard {
                 e.client_id
             );
             let sidx = self.new_session(e.client_id.clone(), false);
+            imported = Some(sidx);
             let until_ms = self.now_ms + MOVE_GRACE_MS + TAIL_OVERLAP_MS;
             self.session_mut(sidx).seen = Some(Box::new(SeenIds {
                 ids: Default::default(),
@@ -793,6 +804,14 @@ impl Shard {
         } else if e.found {
             // A session of this id appeared here meanwhile; it gets the tail.
             self.takeover_end(e.client_id.clone(), e.node);
+        }
+        if gone {
+            if let Some(sidx) = imported {
+                let at = self.now_ms + keep_ms;
+                self.session_mut(sidx).expires_at_ms = at;
+                self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+            }
+            return;
         }
         if let Some(conn) = self.conns.get_mut(slot, gen) {
             conn.state = ConnState::Connecting;

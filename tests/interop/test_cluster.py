@@ -335,6 +335,32 @@ def test_qos2_messages_in_flight_keep_their_packet_ids_when_the_session_moves(cl
     pub.close()
 
 
+def test_a_session_on_its_way_is_kept_when_the_client_drops_meanwhile(cluster):
+    """The client resumes on n2 and drops before n1's session arrives: n2 keeps the session
+    (offline, for its expiry), so nothing queued for it is lost."""
+    n1, n2, n3 = cluster
+    cid, topic = f"gone-{secrets.token_hex(3)}", f"gone/{secrets.token_hex(3)}"
+    c = Client(n1.broker, cid=cid, clean_session=False)
+    c.connect()
+    c.subscribe(topic, qos=1)
+    c.disconnect()
+    settle()
+    pub = Client(n3.broker, f"gone-pub-{secrets.token_hex(3)}")
+    pub.connect()
+    pub.publish(topic, "before", qos=1)
+    body = b"\x00\x04MQTT\x04\x00" + struct.pack(">HH", 60, len(cid)) + cid.encode()
+    with socket.create_connection(("127.0.0.1", n2.mqtt_port), timeout=5) as raw:
+        raw.sendall(bytes([0x10, len(body)]) + body)  # CONNECT, then gone at once
+    wait_for(lambda: "moved here" in n2.log() and cid in n2.log(), what="the session on n2")
+    settle()
+    pub.publish(topic, "after", qos=1)
+    back = Client(n2.broker, cid=cid, clean_session=False)
+    assert back.connect().session_present
+    assert sorted(m.text for m in back.collect(2)) == ["after", "before"]
+    back.close()
+    pub.close()
+
+
 def test_same_client_id_on_another_node_closes_the_first(cluster):
     n1, n2, _ = cluster
     cid = f"dup-{secrets.token_hex(3)}"
