@@ -572,11 +572,15 @@ def frame(kind: int, body: bytes) -> bytes:
     return struct.pack(">I", 1 + len(body)) + bytes([kind]) + body
 
 
-def hello(name: str) -> bytes:
+CLUSTER_PROTOCOL_VERSION = 2
+
+
+def hello(name: str, version: int = CLUSTER_PROTOCOL_VERSION) -> bytes:
     def s(x: str) -> bytes:
         return struct.pack(">I", len(x)) + x.encode()
 
-    return frame(1, struct.pack(">I", 1) + s(name) + s("127.0.0.1:1") + struct.pack(">QQ", 7, 0))
+    body = struct.pack(">I", version) + s(name) + s("127.0.0.1:1") + struct.pack(">QQ", 7, 0)
+    return frame(1, body)
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 4.0) -> bool:
@@ -607,6 +611,11 @@ def test_bad_input_on_the_cluster_port_is_refused_and_the_node_keeps_serving(clu
     assert closed_by_peer(w)
     assert "wrong cookie" in n1.log()
     assert "intruder@127.0.0.1" not in n1.status()
+    # A node of an older frame format.
+    old = socket.create_connection(("127.0.0.1", n1.cluster_port))
+    old.sendall(hello("old@127.0.0.1", version=1))
+    assert closed_by_peer(old)
+    assert "refusing link from old@127.0.0.1: bad hello (version 1)" in n1.log()
     # Still a cluster, still serving.
     topic = f"b/{secrets.token_hex(3)}"
     s = Client(n2.broker, "sub")
