@@ -266,6 +266,13 @@ def run_load(name: str, args: list[str], overload: int) -> list[dict]:
     return list(rows.values())
 
 
+def start_bench(args: list[str], port: int, out: Path, split: Split | None = None) -> subprocess.Popen:
+    """A generator left running (clients held open), on the generator's cores (and namespace)."""
+    cmd = [*(split.gen if split else []), "taskset", "-c", GEN_CORES, str(ROOT / "target/release/shardmq-bench"),
+           *args, "-p", str(port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_conn(n: int, split: Split | None = None, in_flight: int = 512) -> list[dict]:
     """Connect rate, and RSS per idle connection with every client connected. At most
     `in_flight` handshakes at once: beyond a broker's listen backlog (mosquitto's is 100) the
@@ -295,10 +302,7 @@ def conn_once(kind: str, n: int, split: Split | None, in_flight: int) -> dict:
         args = ["conn", "-c", str(n), "-i", "0", "--max-connecting", str(in_flight), "-k", "300", "--duration", "12"]
         if split:
             args += ["-h", split.host]
-        hold = subprocess.Popen(
-            [*(split.gen if split else []), "taskset", "-c", GEN_CORES,
-             str(ROOT / "target/release/shardmq-bench"), *args, "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        hold = start_bench(args, b.port, out, split)
         last, stable = -1, 0
         deadline = time.time() + 11
         while time.time() < deadline and stable < 2:
@@ -336,12 +340,7 @@ def run_subs(total: int) -> list[dict]:
             sub_json = Path(tmp) / "sub.json"
             args = ["sub", "-c", str(clients), "-i", "0", "-t", "fleet/%i/%k", "--subs-per-client", str(per),
                     "--duration", "120"]
-            if split:
-                args += ["-h", split.host]
-            hold = subprocess.Popen(
-                [*(split.gen if split else []), "taskset", "-c", GEN_CORES,
-                 str(ROOT / "target/release/shardmq-bench"), *args, "-p", str(b.port), "--threads", str(GEN_THREADS), "--quiet", "--json", str(sub_json)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            hold = start_bench(args, b.port, sub_json)
             last, stable = -1, 0
             deadline = time.time() + 55
             while time.time() < deadline and stable < 3:

@@ -372,6 +372,12 @@ impl<'a> Cursor<'a> {
         }
         Ok(n)
     }
+    /// A counted list of messages (each at least 30 bytes on the wire).
+    fn msgs(&mut self) -> Result<Vec<WireMessage>, FrameError> {
+        let n = self.count(30)?;
+        (0..n).map(|_| self.msg()).collect()
+    }
+
     fn msg(&mut self) -> Result<WireMessage, FrameError> {
         let topic = self.string()?;
         let qos = self.u8()?;
@@ -467,11 +473,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                     id: c.u32()?,
                 });
             }
-            let n = c.count(30)?;
-            let mut messages = Vec::with_capacity(n);
-            for _ in 0..n {
-                messages.push(c.msg()?);
-            }
+            let messages = c.msgs()?;
             let mut ids = [Vec::new(), Vec::new()];
             for list in &mut ids {
                 let n = c.count(2)?;
@@ -513,11 +515,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
         },
         17 => {
             let client_id = c.string()?;
-            let n = c.count(30)?;
-            let mut messages = Vec::with_capacity(n);
-            for _ in 0..n {
-                messages.push(c.msg()?);
-            }
+            let messages = c.msgs()?;
             Frame::SessionTail {
                 client_id,
                 messages,

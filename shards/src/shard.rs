@@ -727,12 +727,8 @@ impl Shard {
         // A client gone while its session was on the way still has that session (offline)
         // for as long as its CONNECT asked, as if it had connected and dropped.
         let gone = self.conns.get_mut(slot, gen).is_none();
-        let keep_ms = if connect.protocol == Protocol::V5 {
-            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
-            asked.min(self.cfg().session_expiry_interval_s) as u64 * 1000
-        } else {
-            self.cfg().session_expiry_interval_s as u64 * 1000
-        };
+        let keep_ms =
+            session_expiry_s(&connect, self.cfg().session_expiry_interval_s) as u64 * 1000;
         if gone && (!e.found || keep_ms == 0) {
             return;
         }
@@ -785,13 +781,7 @@ impl Shard {
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
             for (i, msg) in e.messages.into_iter().enumerate() {
-                let d = Delivery {
-                    qos: msg.qos,
-                    retain: false,
-                    sub_ids: SmallVec::new(),
-                    share: None,
-                    msg,
-                };
+                let d = moved_delivery(msg);
                 let session = &mut self.session_mut(sidx).session;
                 match e.sent_ids.get(i) {
                     // In flight there: again, as a DUP under its packet id (MQTT-4.4.0-1).
@@ -975,17 +965,9 @@ impl Shard {
             seen.until_ms = until_ms;
         }
         for msg in messages {
-            if !self.first_copy(sidx, msg.id) {
-                continue;
+            if self.first_copy(sidx, msg.id) {
+                self.deliver(sidx, moved_delivery(msg));
             }
-            let d = Delivery {
-                qos: msg.qos,
-                retain: false,
-                sub_ids: SmallVec::new(),
-                share: None,
-                msg,
-            };
-            self.deliver(sidx, d);
         }
     }
 
@@ -1013,6 +995,7 @@ impl Shard {
         let (retain_available, shared_available) = (cfg.retain_available, cfg.shared_subscription);
         let (server_keepalive, max_alias) = (cfg.server_keepalive_s, cfg.max_topic_alias);
         let response_information = cfg.response_information.clone();
+        let expiry_s = session_expiry_s(&connect, cfg_expiry);
         let Connect {
             protocol,
             clean_start,
@@ -1024,14 +1007,6 @@ impl Shard {
         } = *connect;
         let client_id: Arc<str> = client_id.into();
         let v5 = protocol == Protocol::V5;
-        let expiry_s = match protocol {
-            Protocol::V5 => properties
-                .session_expiry_interval
-                .unwrap_or(0)
-                .min(cfg_expiry),
-            _ if clean_start => 0,
-            _ => cfg_expiry,
-        };
         let ephemeral = expiry_s == 0;
 
         // Takeover (MQTT-3.1.4-3): the old connection of this client id is closed.
@@ -2186,21 +2161,13 @@ impl Shard {
         };
         let entry = self.session_mut(sidx);
         if let Some(node) = entry.moving_to {
+            // Its tail: bounded by the move's grace time, not the queue limit, since dropping
+            // any of it loses what no other node has.
+            entry.session.enqueue(d, usize::MAX, policy);
             if entry.move_ended {
                 // Lingering: straight on to the node it moved to (which keeps one copy).
                 let client_id = entry.session.client_id.clone();
-                let cluster = self.mesh.cluster();
-                let messages = vec![exported(d)];
-                let msg = MeshMsg::ClusterSessionTail {
-                    client_id,
-                    node,
-                    messages,
-                };
-                self.mesh.send(cluster, msg);
-            } else {
-                // Its tail: bounded by the move's grace time, not the queue limit, since
-                // dropping any of it loses what no other node has.
-                entry.session.enqueue(d, usize::MAX, policy);
+                self.send_tail(sidx, client_id, node);
             }
             return;
         }
@@ -3146,6 +3113,32 @@ fn random_id_base() -> u64 {
     use std::hash::BuildHasher;
     let high = std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 32;
     high.max(1) << 32
+}
+
+/// How long (s) the session of this CONNECT outlives its connection, within the broker's
+/// maximum: v5 asks with Session Expiry Interval, earlier versions with clean session = 0.
+fn session_expiry_s(connect: &Connect, max_s: u32) -> u32 {
+    match connect.protocol {
+        Protocol::V5 => connect
+            .properties
+            .session_expiry_interval
+            .unwrap_or(0)
+            .min(max_s),
+        _ if connect.clean_start => 0,
+        _ => max_s,
+    }
+}
+
+/// A message that moved with its session from another node, which had already capped its
+/// QoS to the subscription's: delivered as it came.
+fn moved_delivery(msg: Arc<Message>) -> Delivery {
+    Delivery {
+        qos: msg.qos,
+        retain: false,
+        sub_ids: SmallVec::new(),
+        share: None,
+        msg,
+    }
 }
 
 /// A delivery as another node gets it: the message at the QoS it was to be delivered with.
