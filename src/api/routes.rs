@@ -197,3 +197,27 @@ fn stats_json(shared: &NodeShared) -> String {
         m.subscriptions.load(Ordering::Relaxed)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn query_pairs_decode_a_node_name() {
+        assert_eq!(
+            query_pairs("node=n1%40127.0.0.1%3A4370&x"),
+            vec![("node".to_string(), "n1@127.0.0.1:4370".to_string())]
+        );
+        assert!(query_pairs("").is_empty());
+    }
+
+    proptest! {
+        /// Any query string: no panic, and every pair comes from a `k=v` piece.
+        #[test]
+        fn query_pairs_never_panic(q in ".{0,200}") {
+            let pairs = query_pairs(&q);
+            prop_assert!(pairs.len() <= q.matches('=').count());
+        }
+    }
+}

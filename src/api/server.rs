@@ -10,7 +10,8 @@
 //! 3. the CSRF guard for state-changing methods (403, see `guard.rs`);
 //! 4. the whole body within [`BODY_MAX_BYTES`] (413) and the same read deadline (408);
 //!    a body on a state-changing request must be JSON (415);
-//! 5. only then the action, on a small blocking pool (it may wait on the cluster thread);
+//! 5. only then the action, on a small blocking pool (it may wait on the cluster thread), at
+//!    most [`ACTIONS_MAX`] at once (else 503);
 //! 6. one request per connection (`Connection: close`), the whole exchange within
 //!    [`CONNECTION_TIMEOUT`].
 
@@ -43,6 +44,10 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECTIONS_MAX: usize = 64;
 /// Threads that run route actions (which block on the cluster thread's answer).
 const ACTION_THREADS_MAX: usize = 4;
+/// Actions running or waiting for a thread. An action outlives a connection that timed out
+/// (it cannot be cancelled while it waits on the cluster thread), so this, not the connection
+/// cap, bounds the queue; past it a 503.
+const ACTIONS_MAX: usize = 16;
 /// Pause after a failed accept (EMFILE and the like) before the next, so it cannot spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -69,6 +74,7 @@ async fn accept_loop(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let actions = Arc::new(Semaphore::new(ACTIONS_MAX));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -87,18 +93,20 @@ async fn accept_loop(
             let _ = stream.try_write(busy.as_bytes());
             continue;
         };
-        let shared = shared.clone();
+        let (shared, actions) = (shared.clone(), actions.clone());
         tokio::spawn(async move {
-            serve(stream, shared).await;
+            serve(stream, shared, actions).await;
             drop(slot);
         });
     }
 }
 
 /// One connection: one request, one answer, close.
-async fn serve(stream: tokio::net::TcpStream, shared: Arc<NodeShared>) {
+async fn serve(stream: tokio::net::TcpStream, shared: Arc<NodeShared>, actions: Arc<Semaphore>) {
     let read_deadline = Instant::now() + REQUEST_READ_TIMEOUT;
-    let service = hyper::service::service_fn(move |req| handle(req, shared.clone(), read_deadline));
+    let service = hyper::service::service_fn(move |req| {
+        handle(req, shared.clone(), actions.clone(), read_deadline)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_READ_TIMEOUT)
@@ -117,6 +125,7 @@ async fn serve(stream: tokio::net::TcpStream, shared: Arc<NodeShared>) {
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<NodeShared>,
+    actions: Arc<Semaphore>,
     read_deadline: Instant,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().as_str().to_owned();
@@ -168,7 +177,18 @@ async fn handle(
         ));
     }
     // The whole request is here: only now may it act.
-    let action = move || routes::answer(&shared, &method, &path, &query);
+    let Ok(action_slot) = actions.try_acquire_owned() else {
+        return Ok(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVICE_UNAVAILABLE",
+            "too many requests in progress",
+        ));
+    };
+    let action = move || {
+        let reply = routes::answer(&shared, &method, &path, &query);
+        drop(action_slot);
+        reply
+    };
     Ok(match tokio::task::spawn_blocking(action).await {
         Ok((status, content_type, body)) => response(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
