@@ -1,7 +1,7 @@
-//! The management HTTP API and the Prometheus endpoint, on one plain thread outside the shards.
+//! The routes of the management API: which request gets which answer. Synchronous code that
+//! may wait (bounded) on the cluster thread; the server (`server.rs`) runs it off its event loop
+//! and only once the whole request, body included, has arrived and passed the guards.
 //!
-//! Requests are rare and small, so a blocking HTTP/1.1 server (one request per connection,
-//! bounded header size and read timeout) is enough and keeps an HTTP stack off the shards.
 //! Routes: `GET /api/v5/nodes`, `GET /api/v5/metrics[?aggregate=true|false]`, `GET /api/v5/stats`,
 //! `GET /metrics[?mode=all_nodes_aggregated|all_nodes_unaggregated]`, the cluster commands and
 //! listings.
@@ -9,59 +9,28 @@
 use shardmq_shards::cluster::{ControlCmd, QUERY_METRICS};
 use shardmq_shards::metrics::{self, Figure};
 use shardmq_shards::NodeShared;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Largest request head accepted, bytes.
-const HEAD_MAX_BYTES: usize = 16 * 1024;
+/// Longest wait for the cluster thread's answer to one command.
+const CLUSTER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the API and serves it on a background thread.
-pub fn start(bind: SocketAddr, shared: Arc<NodeShared>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(bind)?;
-    let started = Instant::now();
-    std::thread::Builder::new()
-        .name("mgmt-api".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = serve(stream, &shared, started) {
-                    log::debug!("management API request failed: {e}");
-                }
-            }
-        })?;
-    Ok(())
-}
+const JSON: &str = "application/json";
 
-fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut head = request_line.len();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line)?;
-        head += n;
-        if n == 0 || line == "\r\n" || line == "\n" || head > HEAD_MAX_BYTES {
-            break;
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let query = parts_query(&request_line);
-    let _ = started;
-    let json = "application/json";
-    let (status, content_type, body) = match (method, path) {
+/// An answer: HTTP status, content type, body.
+pub type Reply = (u16, &'static str, String);
+
+/// Answers one request (`query` is the part after `?`, possibly empty).
+pub fn answer(shared: &NodeShared, method: &str, path: &str, query: &str) -> Reply {
+    let query = query_pairs(query);
+    match (method, path) {
         ("GET", "/metrics") => match prometheus(shared, param(&query, "mode")) {
-            Ok(text) => ("200 OK", "text/plain; version=0.0.4", text),
+            Ok(text) => (200, "text/plain; version=0.0.4", text),
             Err(e) => reply(Err(e)),
         },
         ("GET", "/api/v5/metrics") => reply(metrics_json(shared, param(&query, "aggregate"))),
-        ("GET", "/api/v5/stats") => ("200 OK", json, stats_json(shared)),
+        ("GET", "/api/v5/stats") => (200, JSON, stats_json(shared)),
         ("GET", "/api/v5/nodes") | ("GET", "/api/v5/cluster") => {
             reply(cluster_cmd(shared, ControlCmd::Status))
         }
@@ -71,8 +40,8 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
                 reply(cluster_cmd(shared, move |tx| ControlCmd::Join(node, tx)))
             }
             None => (
-                "400 Bad Request",
-                json,
+                400,
+                JSON,
                 r#"{"code":"BAD_REQUEST","message":"node=NAME@HOST is required"}"#.into(),
             ),
         },
@@ -86,27 +55,16 @@ fn serve(stream: TcpStream, shared: &NodeShared, started: Instant) -> std::io::R
         (
             _,
             "/metrics" | "/api/v5/metrics" | "/api/v5/stats" | "/api/v5/nodes" | "/api/v5/cluster",
-        ) => (
-            "405 Method Not Allowed",
-            json,
-            r#"{"code":"METHOD_NOT_ALLOWED"}"#.to_string(),
-        ),
-        _ => ("404 Not Found", json, r#"{"code":"NOT_FOUND"}"#.to_string()),
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
+        ) => (405, JSON, r#"{"code":"METHOD_NOT_ALLOWED"}"#.to_string()),
+        _ => (404, JSON, r#"{"code":"NOT_FOUND"}"#.to_string()),
+    }
 }
 
-fn parts_query(request_line: &str) -> Vec<(String, String)> {
-    let target = request_line.split_whitespace().nth(1).unwrap_or("");
-    let Some((_, q)) = target.split_once('?') else {
+/// `k=v` pairs of a query string; `%40` and `%3A` decoded (all that a node name needs).
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    if q.is_empty() {
         return Vec::new();
-    };
+    }
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| {
@@ -127,12 +85,12 @@ fn param<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn reply(r: Result<String, String>) -> (&'static str, &'static str, String) {
+fn reply(r: Result<String, String>) -> Reply {
     match r {
-        Ok(body) => ("200 OK", "application/json", body),
+        Ok(body) => (200, JSON, body),
         Err(message) => (
-            "400 Bad Request",
-            "application/json",
+            400,
+            JSON,
             format!("{{\"code\":\"BAD_REQUEST\",\"message\":{:?}}}", message),
         ),
     }
@@ -149,7 +107,7 @@ fn cluster_cmd(
         Err(_) => return Err("cluster thread unavailable".into()),
     }
     shared.cluster_bell.ring();
-    rx.recv_timeout(Duration::from_secs(10))
+    rx.recv_timeout(CLUSTER_ANSWER_TIMEOUT)
         .unwrap_or_else(|_| Err("cluster thread did not answer".into()))
 }
 
@@ -238,4 +196,28 @@ fn stats_json(shared: &NodeShared) -> String {
         m.connections.load(Ordering::Relaxed),
         m.subscriptions.load(Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn query_pairs_decode_a_node_name() {
+        assert_eq!(
+            query_pairs("node=n1%40127.0.0.1%3A4370&x"),
+            vec![("node".to_string(), "n1@127.0.0.1:4370".to_string())]
+        );
+        assert!(query_pairs("").is_empty());
+    }
+
+    proptest! {
+        /// Any query string: no panic, and every pair comes from a `k=v` piece.
+        #[test]
+        fn query_pairs_never_panic(q in ".{0,200}") {
+            let pairs = query_pairs(&q);
+            prop_assert!(pairs.len() <= q.matches('=').count());
+        }
+    }
 }
