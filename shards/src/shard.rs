@@ -403,41 +403,34 @@ impl Shard {
         self.timers.schedule(deadline, conn_token(slot, gen));
     }
 
-    fn on_recv(&mut self, slot: u32, gen: u32, c: Completion) {
-        let bid = c.buffer();
+    fn on_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
+        // Owned here and given back to the pool when dropped, on every path below (a buffer
+        // on a completion without data included).
+        let buf = c.take_buffer();
         let live = self.conns.get_mut(slot, gen).is_some();
         if !live {
-            if let Some(bid) = bid {
-                self.ring.recycle(bid);
-            }
             return;
         }
         if c.result > 0 && self.paused && self.park(slot, gen, c.more()) {
             // Cluster backpressure: keep what already arrived, read no more.
             let len = c.result as usize;
             Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(bid) = bid {
-                let data = self.ring.buffer(bid, len).to_vec();
+            if let Some(buf) = &buf {
                 if let Some(conn) = self.conns.get_mut(slot, gen) {
-                    conn.partial.extend_from_slice(&data);
+                    conn.partial.extend_from_slice(buf.bytes());
                     if conn.keepalive_ms > 0 {
                         conn.deadline_ms = self.now_ms + conn.keepalive_ms;
                     }
                 }
-                self.ring.recycle(bid);
             }
             return;
         }
         if c.result > 0 {
             let len = c.result as usize;
             Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(bid) = bid {
-                let data = self.ring.buffer(bid, len);
-                // SAFETY: the pool buffer is not recycled (and so not reused by the kernel)
-                // until after `on_bytes` returns, and the pool memory never moves.
-                let data: &[u8] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
-                self.on_bytes(slot, gen, data);
-                self.ring.recycle(bid);
+            if let Some(buf) = &buf {
+                // Decoded straight from the pool buffer, which `buf` owns until it is dropped.
+                self.on_bytes(slot, gen, buf.bytes());
             }
         } else if c.result == 0 {
             if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
@@ -2860,18 +2853,15 @@ impl Shard {
         }
     }
 
-    fn on_link_recv(&mut self, slot: u32, gen: u32, c: Completion) {
-        let bid = c.buffer();
+    fn on_link_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
+        // Given back to the pool when dropped, whatever the result.
+        let buf = c.take_buffer();
         let Some(link) = self.links.get_mut(slot, gen) else {
-            if let Some(bid) = bid {
-                self.ring.recycle(bid);
-            }
             return;
         };
         if c.result > 0 {
-            if let Some(bid) = bid {
-                link.reader.extend(self.ring.buffer(bid, c.result as usize));
-                self.ring.recycle(bid);
+            if let Some(buf) = buf {
+                link.reader.extend(buf.bytes());
             }
             if !self.link_frames(slot, gen) {
                 return;
