@@ -313,6 +313,9 @@ impl MeshEndpoint {
         let mut backlog = false;
         for to in 0..self.outbound.len() {
             while let Some(msg) = self.overflow[to].pop_front() {
+                // What overflow moves into the queue is news to the receiver as much as a
+                // fresh send: it may have emptied the queue and parked meanwhile.
+                self.sent[to] = true;
                 if let Err(msg) = self.outbound[to].push(msg) {
                     self.overflow[to].push_front(msg);
                     backlog = true;
@@ -396,5 +399,39 @@ mod tests {
             }
         }
         assert!(!a.flush());
+    }
+
+    #[test]
+    fn overflow_moved_in_a_later_turn_rings_a_parked_receiver() {
+        let mut mesh = build(1).unwrap();
+        let (a, rest) = mesh.split_at_mut(1);
+        let (a, b) = (&mut a[0], &mut rest[0]);
+        // Fill the queue and leave some in overflow; the receiver is awake, so no ring.
+        let mut n = 0u64;
+        while a.backlog(1) == 0 {
+            a.send(1, MeshMsg::RouteAck { token: n });
+            n += 1;
+        }
+        assert!(a.flush());
+        let mut got = Vec::new();
+        b.recv(usize::MAX, &mut got);
+        let first = got.len() as u64;
+        assert!(b.park(), "queue drained, so the receiver may sleep");
+        // The sender's next turn moves the overflow in without a new send: it must ring.
+        assert!(!a.flush());
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from the (non-blocking) eventfd.
+        let r = unsafe {
+            libc::read(
+                b.doorbell().raw_fd(),
+                &mut counter as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
+        assert_eq!(r, 8, "the parked receiver was not woken");
+        b.unpark();
+        got.clear();
+        b.recv(usize::MAX, &mut got);
+        assert_eq!(first + got.len() as u64, n);
     }
 }

@@ -13,8 +13,16 @@ pub struct Metrics {
     pub messages_received: AtomicU64,
     /// PUBLISH packets sent to clients.
     pub messages_sent: AtomicU64,
-    /// Messages dropped: full queues, too large for a client, QoS 0 to a congested client.
+    /// Messages dropped, for any reason: the sum of the `dropped_*` counters below.
     pub messages_dropped: AtomicU64,
+    /// Per reason, see [`DropReason`].
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_qos0_offline: AtomicU64,
+    pub dropped_congested: AtomicU64,
+    pub dropped_link_full: AtomicU64,
+    pub dropped_expired: AtomicU64,
+    pub dropped_too_large: AtomicU64,
+    pub dropped_no_subscribers: AtomicU64,
     /// Bytes read from client sockets.
     pub bytes_received: AtomicU64,
     /// Bytes written to client sockets.
@@ -39,6 +47,29 @@ pub struct Metrics {
     pub cluster_paused_shards: AtomicI64,
 }
 
+/// Why a message was dropped. Each reason has its own counter, and every drop also counts in
+/// `messages_dropped`, so the reasons always sum to the total.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A session queue was full (`mqtt.max_queued_messages`); which message went depends on
+    /// `mqtt.queue_drop_policy`. QoS 1/2 messages dropped here were acknowledged to their
+    /// publisher.
+    QueueFull,
+    /// QoS 0 for an offline session with `mqtt.queue_qos0 = false`.
+    Qos0Offline,
+    /// QoS 0 towards a shard whose mesh queue is backed up.
+    Congested,
+    /// QoS 0 forwarded to a peer node whose data link is full (also `cluster_dropped`).
+    LinkFull,
+    /// The v5 Message Expiry Interval ran out before delivery (MQTT-3.3.2-5).
+    Expired,
+    /// Larger than the Maximum Packet Size of the receiving client (MQTT-3.1.2-24).
+    TooLarge,
+    /// Nobody was subscribed: no matching route for a client's PUBLISH, or a shared group
+    /// whose last member left.
+    NoSubscribers,
+}
+
 /// One exported figure: name (without prefix), help text, value, counter (true) or gauge.
 pub type Figure = (&'static str, &'static str, i64, bool);
 
@@ -46,6 +77,24 @@ impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one dropped message, in the total and under its reason.
+    pub fn dropped(&self, why: DropReason) {
+        Self::add(&self.messages_dropped, 1);
+        Self::add(self.drop_counter(why), 1);
+    }
+
+    fn drop_counter(&self, why: DropReason) -> &AtomicU64 {
+        match why {
+            DropReason::QueueFull => &self.dropped_queue_full,
+            DropReason::Qos0Offline => &self.dropped_qos0_offline,
+            DropReason::Congested => &self.dropped_congested,
+            DropReason::LinkFull => &self.dropped_link_full,
+            DropReason::Expired => &self.dropped_expired,
+            DropReason::TooLarge => &self.dropped_too_large,
+            DropReason::NoSubscribers => &self.dropped_no_subscribers,
+        }
     }
 
     /// Every figure, in export order: the one list behind `/metrics`, the JSON API and the
@@ -91,8 +140,50 @@ impl Metrics {
             ),
             (
                 "messages_dropped_total",
-                "Messages dropped (full queue, too large, expired)",
+                "Messages dropped, all reasons (the messages_dropped_*_total sum to it)",
                 c(&self.messages_dropped),
+                true,
+            ),
+            (
+                "messages_dropped_queue_full_total",
+                "Messages dropped by a full session queue (QoS 1/2 ones were acknowledged)",
+                c(&self.dropped_queue_full),
+                true,
+            ),
+            (
+                "messages_dropped_qos0_offline_total",
+                "QoS 0 messages not queued for offline sessions",
+                c(&self.dropped_qos0_offline),
+                true,
+            ),
+            (
+                "messages_dropped_congested_total",
+                "QoS 0 messages dropped towards a backed-up shard",
+                c(&self.dropped_congested),
+                true,
+            ),
+            (
+                "messages_dropped_link_full_total",
+                "QoS 0 messages dropped on a full link to a peer node",
+                c(&self.dropped_link_full),
+                true,
+            ),
+            (
+                "messages_dropped_expired_total",
+                "Messages whose expiry interval ran out before delivery",
+                c(&self.dropped_expired),
+                true,
+            ),
+            (
+                "messages_dropped_too_large_total",
+                "Messages larger than the receiving client's maximum packet size",
+                c(&self.dropped_too_large),
+                true,
+            ),
+            (
+                "messages_dropped_no_subscribers_total",
+                "Messages published where nobody was subscribed",
+                c(&self.dropped_no_subscribers),
                 true,
             ),
             (
@@ -219,5 +310,35 @@ mod tests {
         assert_eq!(get("messages_received_total"), 15);
         assert_eq!(get("subscriptions"), -1);
         assert_eq!(totals.len(), a.figures().len());
+    }
+
+    #[test]
+    fn drop_reasons_sum_to_the_total() {
+        let m = Metrics::default();
+        let reasons = [
+            DropReason::QueueFull,
+            DropReason::Qos0Offline,
+            DropReason::Congested,
+            DropReason::LinkFull,
+            DropReason::Expired,
+            DropReason::TooLarge,
+            DropReason::NoSubscribers,
+        ];
+        for (i, r) in reasons.iter().enumerate() {
+            for _ in 0..=i {
+                m.dropped(*r);
+            }
+        }
+        let figures = m.figures();
+        let get = |k: &str| figures.iter().find(|f| f.0 == k).unwrap().2;
+        let per_reason: i64 = figures
+            .iter()
+            .filter(|f| f.0.starts_with("messages_dropped_") && f.0 != "messages_dropped_total")
+            .map(|f| f.2)
+            .sum();
+        assert_eq!(get("messages_dropped_total"), 28);
+        assert_eq!(per_reason, 28);
+        assert_eq!(get("messages_dropped_queue_full_total"), 1);
+        assert_eq!(get("messages_dropped_no_subscribers_total"), 7);
     }
 }

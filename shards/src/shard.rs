@@ -17,7 +17,7 @@ use crate::conn::{Conn, ConnSlab, ConnState};
 use crate::link::{Links, LINK_IOV_MAX};
 use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
 use crate::shard_set::ShardSet;
@@ -403,41 +403,34 @@ impl Shard {
         self.timers.schedule(deadline, conn_token(slot, gen));
     }
 
-    fn on_recv(&mut self, slot: u32, gen: u32, c: Completion) {
-        let bid = c.buffer();
+    fn on_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
+        // Owned here and given back to the pool when dropped, on every path below (a buffer
+        // on a completion without data included).
+        let buf = c.take_buffer();
         let live = self.conns.get_mut(slot, gen).is_some();
         if !live {
-            if let Some(bid) = bid {
-                self.ring.recycle(bid);
-            }
             return;
         }
         if c.result > 0 && self.paused && self.park(slot, gen, c.more()) {
             // Cluster backpressure: keep what already arrived, read no more.
             let len = c.result as usize;
             Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(bid) = bid {
-                let data = self.ring.buffer(bid, len).to_vec();
+            if let Some(buf) = &buf {
                 if let Some(conn) = self.conns.get_mut(slot, gen) {
-                    conn.partial.extend_from_slice(&data);
+                    conn.partial.extend_from_slice(buf.bytes());
                     if conn.keepalive_ms > 0 {
                         conn.deadline_ms = self.now_ms + conn.keepalive_ms;
                     }
                 }
-                self.ring.recycle(bid);
             }
             return;
         }
         if c.result > 0 {
             let len = c.result as usize;
             Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(bid) = bid {
-                let data = self.ring.buffer(bid, len);
-                // SAFETY: the pool buffer is not recycled (and so not reused by the kernel)
-                // until after `on_bytes` returns, and the pool memory never moves.
-                let data: &[u8] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
-                self.on_bytes(slot, gen, data);
-                self.ring.recycle(bid);
+            if let Some(buf) = &buf {
+                // Decoded straight from the pool buffer, which `buf` owns until it is dropped.
+                self.on_bytes(slot, gen, buf.bytes());
             }
         } else if c.result == 0 {
             if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
@@ -1351,6 +1344,9 @@ impl Shard {
             packet_id,
             ..Default::default()
         };
+        if !matched {
+            self.shared.metrics.dropped(DropReason::NoSubscribers);
+        }
         if !matched && protocol == Protocol::V5 {
             // As EMQX: tell v5 publishers nobody was subscribed (0x10 is a success code).
             ack.reason = ReasonCode::NoMatchingSubscribers;
@@ -1635,7 +1631,7 @@ impl Shard {
     fn shared_dispatch(&mut self, key: Arc<str>, msg: Arc<Message>, tried: Vec<(u16, u32)>) {
         let strategy = self.cfg().shared_strategy;
         let Some(group) = self.groups.get_mut(&key) else {
-            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            self.shared.metrics.dropped(DropReason::NoSubscribers);
             return;
         };
         let (member, force) = match group.pick(strategy, &msg, &tried) {
@@ -1643,7 +1639,7 @@ impl Shard {
             None => match group.members.first() {
                 Some(m) if tried.len() <= group.members.len() => (m.clone(), true),
                 _ => {
-                    Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                    self.shared.metrics.dropped(DropReason::NoSubscribers);
                     return;
                 }
             },
@@ -1700,7 +1696,7 @@ impl Shard {
                 };
                 self.deliver(sidx, d);
             }
-            _ if force => Metrics::add(&self.shared.metrics.messages_dropped, 1),
+            _ if force => self.shared.metrics.dropped(DropReason::NoSubscribers),
             _ => {
                 tried.push((self.id as u16, sidx));
                 self.shared_publish(key, msg, tried);
@@ -2015,7 +2011,7 @@ impl Shard {
                 continue;
             }
             if msg.qos == QoS::AtMostOnce && self.mesh.backlog(shard) > MESH_QOS0_DROP_BACKLOG {
-                Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                self.shared.metrics.dropped(DropReason::Congested);
                 continue;
             }
             self.mesh.send(shard, MeshMsg::Publish(msg.clone()));
@@ -2086,7 +2082,7 @@ impl Shard {
             targets &= targets - 1;
             if msg.qos == QoS::AtMostOnce && self.links.backlog(node) > limit {
                 Metrics::add(&self.shared.metrics.cluster_dropped, 1);
-                Metrics::add(&self.shared.metrics.messages_dropped, 1);
+                self.shared.metrics.dropped(DropReason::LinkFull);
                 continue;
             }
             let keys: Vec<String> = groups
@@ -2175,7 +2171,7 @@ impl Shard {
         let entry = self.session_mut(sidx);
         let conn_slot = entry.conn;
         if conn_slot.is_none() && d.qos == QoS::AtMostOnce && !queue_qos0 {
-            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            self.shared.metrics.dropped(DropReason::Qos0Offline);
             return;
         }
         let out_ok = match conn_slot {
@@ -2200,7 +2196,7 @@ impl Shard {
             return;
         }
         if entry.session.enqueue(d, max_queued, policy) != Enqueued::Queued {
-            Metrics::add(&self.shared.metrics.messages_dropped, 1);
+            self.shared.metrics.dropped(DropReason::QueueFull);
         }
     }
 
@@ -2248,7 +2244,7 @@ impl Shard {
         let v5 = protocol == Protocol::V5;
         if d.msg.expires_at.is_some_and(|t| t <= Instant::now()) {
             // MQTT-3.3.2-5: an expired message is not sent.
-            self.drop_delivery(slot, packet_id);
+            self.drop_delivery(slot, packet_id, DropReason::Expired);
             return;
         }
         // Only v5 deliveries that carry properties pay for building a property block; the
@@ -2287,7 +2283,7 @@ impl Shard {
         if (header_len + payload_len) as u64 > max_out as u64 {
             // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
             self.scratch.clear();
-            self.drop_delivery(slot, packet_id);
+            self.drop_delivery(slot, packet_id, DropReason::TooLarge);
             return;
         }
         if alias_max > 0 {
@@ -2333,8 +2329,8 @@ impl Shard {
     }
 
     /// Gives up one delivery (expired, or too large for the client), counted as dropped.
-    fn drop_delivery(&mut self, slot: u32, packet_id: u16) {
-        Metrics::add(&self.shared.metrics.messages_dropped, 1);
+    fn drop_delivery(&mut self, slot: u32, packet_id: u16, why: DropReason) {
+        self.shared.metrics.dropped(why);
         if packet_id != 0 {
             if let Some(sidx) = self.conns.get_slot(slot).map(|c| c.session) {
                 self.session_mut(sidx).session.abandon(packet_id);
@@ -2641,8 +2637,23 @@ impl Shard {
             ),
             ("retained/count", self.retained.len().to_string()),
         ];
+        // Drops per reason: messages/dropped/queue_full, ... (the figure names, shortened).
+        let reasons: Vec<(String, String)> = m
+            .figures()
+            .into_iter()
+            .filter_map(|(name, _, value, _)| {
+                let reason = name
+                    .strip_prefix("messages_dropped_")?
+                    .strip_suffix("_total")?;
+                Some((format!("messages/dropped/{reason}"), value.to_string()))
+            })
+            .collect();
         let prefix = format!("$SYS/brokers/{}/", self.cfg().node_name);
         let publisher: Arc<str> = "$SYS".into();
+        let items = items
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .chain(reasons);
         for (name, value) in items {
             let msg = Message {
                 topic: format!("{prefix}{name}").into(),
@@ -2860,18 +2871,15 @@ impl Shard {
         }
     }
 
-    fn on_link_recv(&mut self, slot: u32, gen: u32, c: Completion) {
-        let bid = c.buffer();
+    fn on_link_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
+        // Given back to the pool when dropped, whatever the result.
+        let buf = c.take_buffer();
         let Some(link) = self.links.get_mut(slot, gen) else {
-            if let Some(bid) = bid {
-                self.ring.recycle(bid);
-            }
             return;
         };
         if c.result > 0 {
-            if let Some(bid) = bid {
-                link.reader.extend(self.ring.buffer(bid, c.result as usize));
-                self.ring.recycle(bid);
+            if let Some(buf) = buf {
+                link.reader.extend(buf.bytes());
             }
             if !self.link_frames(slot, gen) {
                 return;
