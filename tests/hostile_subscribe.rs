@@ -73,11 +73,18 @@ impl Pinger {
     }
 }
 
-/// Latency bounds for a busy 2-core machine: the 50 ms for the median, and four
-/// times that for the worst ping (a scheduler hiccup is not a stall; a stall is seconds).
+/// Latency bounds, for a debug build on a busy 2-core machine: the 50 ms for the
+/// median, 200 ms for the 99th percentile and 1 s for the worst ping (a debug build's hash-map
+/// resize or a descheduled shard thread is not a stall; the stall this guards against held
+/// every ping for the whole SUBSCRIBE, 12 s for 20,000 filters in a debug build).
 fn assert_served_on_time(r: (usize, Duration, Duration, Duration)) {
     assert!(r.1 < Duration::from_millis(50), "median PINGRESP {:?}", r.1);
-    assert!(r.3 < Duration::from_millis(200), "worst PINGRESP {:?}", r.3);
+    assert!(
+        r.2 < Duration::from_millis(200),
+        "99th percentile PINGRESP {:?}",
+        r.2
+    );
+    assert!(r.3 < Duration::from_secs(1), "worst PINGRESP {:?}", r.3);
 }
 
 /// Waits for a SUBACK/UNSUBACK of kind `kind` and returns its body.
@@ -87,6 +94,9 @@ fn ack_of(c: &mut RawClient, kind: u8) -> Vec<u8> {
     ack.body
 }
 
+/// 32,768 levels is the deepest a client can send: a topic or filter is a string of at most
+/// 65,535 bytes. (The 300,000-level filter a cluster peer could send is covered by the unit
+/// tests of the route and retained tries, on a 256 KiB stack.)
 #[test]
 fn a_32768_level_filter_and_topic_are_served_without_a_crash() {
     let b = Broker::start(&[("MQTT__MAX_TOPIC_LEVELS", "0"), ("NODE__SHARDS", "1")]);
@@ -184,4 +194,32 @@ fn twenty_thousand_hash_filters_with_5000_retained_messages_do_not_stall_the_sha
     let r = pinger.finish("pinger during 20000 '#' filters with 5000 retained");
     assert_served_on_time(r);
     assert_broker_serves(&b);
+}
+
+#[test]
+fn filters_past_max_subscribe_filters_are_refused_one_by_one() {
+    let b = Broker::start(&[("MQTT__MAX_SUBSCRIBE_FILTERS", "3")]);
+    let filters = || (0..5).map(|i| format!("cap/{i}"));
+    // 3.1.1: the excess filters get 0x80, the first three are granted.
+    let (mut v3, _) = RawClient::mqtt(b.addr(), "cap-v3", true);
+    v3.send(&subscribe_many(1, filters(), 1));
+    let body = ack_of(&mut v3, 9);
+    assert_eq!(&body[2..], [1, 1, 1, 0x80, 0x80]);
+    // v5: 0x97 Quota exceeded for each excess filter (after the SUBACK properties).
+    let mut v5 = RawClient::connect(b.addr());
+    v5.send(&connect_packet(5, "cap-v5", true, 60, None));
+    assert_eq!(v5.recv(WAIT).expect("CONNACK").kind(), 2);
+    let mut body = 7u16.to_be_bytes().to_vec();
+    body.push(0);
+    for f in filters() {
+        body.extend(field(f.as_bytes()));
+        body.push(1);
+    }
+    v5.send(&packet(0x82, &body));
+    let ack = ack_of(&mut v5, 9);
+    let props = ack[2] as usize; // under 128 bytes: a one-byte length
+    assert_eq!(&ack[3 + props..], [1, 1, 1, 0x97, 0x97]);
+    // The granted ones are subscriptions: a publish to one arrives.
+    v3.send(&publish_packet("cap/2", b"x", 0, 0, false, false));
+    assert_eq!(v3.recv(WAIT).expect("delivery").publish().0, "cap/2");
 }
