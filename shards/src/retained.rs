@@ -4,13 +4,20 @@
 //! `#` one subtree) instead of testing every retained message against every filter (issue 9:
 //! 20,000 `#` filters × 5,000 retained messages stalled a shard for seconds).
 //!
-//! Every walk uses an explicit stack and the trie drops iteratively: a topic's depth is set
-//! by a client or a peer (up to the packet size with `mqtt.max_topic_levels = 0`).
+//! The trie indexes the first `TRIE_LEVELS_MAX` levels only; a deeper topic hangs, whole, in
+//! the `deep` list of its node at that depth and is tested with the reference matcher there.
+//! A trie level costs a few hundred bytes (a node and its children's table), so the cap keeps a
+//! hostile deep topic from costing hundreds of times its size; the topics sharing a
+//! `TRIE_LEVELS_MAX`-level prefix are few in practice, and so is that list. Every walk uses
+//! an explicit stack and the trie drops iteratively.
 
 use crate::message::Message;
 use crate::topic;
 use ahash::AHashMap;
 use std::sync::Arc;
+
+/// Levels indexed by the trie (2 under test, so the property tests reach the `deep` lists).
+const TRIE_LEVELS_MAX: usize = if cfg!(test) { 2 } else { 8 };
 
 /// One topic level.
 #[derive(Default)]
@@ -18,6 +25,16 @@ struct Level {
     /// The topic ending here (the same allocation as the key of `RetainedStore::by_topic`).
     topic: Option<Arc<str>>,
     children: AHashMap<Box<str>, Level>,
+    /// At depth `TRIE_LEVELS_MAX` only: the topics with more levels under this prefix (a set:
+    /// clearing one of many is O(1); boxed: one pointer in every other level).
+    deep: Option<Box<ahash::AHashSet<Arc<str>>>>,
+}
+
+impl Level {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.topic.is_none() && self.children.is_empty() && self.deep.is_none()
+    }
 }
 
 impl Drop for Level {
@@ -58,19 +75,26 @@ impl RetainedStore {
             return;
         }
         let mut level = &mut self.root;
-        for name in topic.split('/') {
+        let mut names = topic.split('/');
+        for name in names.by_ref().take(TRIE_LEVELS_MAX) {
             level = level.children.entry(name.into()).or_default();
         }
-        debug_assert!(level.topic.is_none(), "trie and map hold the same topics");
-        level.topic = Some(topic);
+        if names.next().is_some() {
+            level.deep.get_or_insert_default().insert(topic);
+        } else {
+            debug_assert!(level.topic.is_none(), "trie and map hold the same topics");
+            level.topic = Some(topic);
+        }
     }
 
     /// Forgets the retained message of `topic` and prunes the levels left empty.
     pub fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
         let msg = self.by_topic.remove(topic)?;
-        let names: Vec<&str> = topic.split('/').collect();
+        let names: Vec<&str> = topic.split('/').take(TRIE_LEVELS_MAX + 1).collect();
+        let deep = names.len() > TRIE_LEVELS_MAX;
+        let names = &names[..names.len().min(TRIE_LEVELS_MAX)];
         // The shallowest depth from which the path is a chain of levels holding nothing but
-        // the next level of the path; that chain goes in one piece.
+        // the next level of the path (and, last, this topic); that chain goes in one piece.
         let mut cut = None;
         let mut level = &self.root;
         for (depth, name) in names.iter().enumerate() {
@@ -78,11 +102,13 @@ impl RetainedStore {
                 debug_assert!(false, "trie and map hold the same topics");
                 return Some(msg);
             };
-            let last = depth + 1 == names.len();
-            let empties = if last {
-                child.children.is_empty()
+            let empties = if depth + 1 < names.len() {
+                child.topic.is_none() && child.deep.is_none() && child.children.len() == 1
+            } else if deep {
+                let alone = child.deep.as_ref().is_some_and(|d| d.len() == 1);
+                child.topic.is_none() && child.children.is_empty() && alone
             } else {
-                child.topic.is_none() && child.children.len() == 1
+                child.children.is_empty() && child.deep.is_none()
             };
             if !empties {
                 cut = None;
@@ -99,7 +125,16 @@ impl RetainedStore {
             }
             level = level.children.get_mut(*name).expect("walked above");
         }
-        level.topic = None;
+        if deep {
+            if let Some(set) = &mut level.deep {
+                set.remove(topic);
+                if set.is_empty() {
+                    level.deep = None;
+                }
+            }
+        } else {
+            level.topic = None;
+        }
         Some(msg)
     }
 
@@ -119,6 +154,7 @@ impl RetainedStore {
                 Some("#") => {
                     // `a/#` matches `a` itself and everything below it.
                     out.extend(level.topic.clone());
+                    out.extend(level.deep.iter().flat_map(|d| d.iter().cloned()));
                     let mut below: Vec<&Level> = level
                         .children
                         .iter()
@@ -127,18 +163,21 @@ impl RetainedStore {
                         .collect();
                     while let Some(l) = below.pop() {
                         out.extend(l.topic.clone());
+                        out.extend(l.deep.iter().flat_map(|d| d.iter().cloned()));
                         below.extend(l.children.values());
                     }
                 }
-                Some("+") => {
-                    for (name, child) in &level.children {
-                        if visible(name) {
-                            stack.push((child, idx + 1));
-                        }
-                    }
-                }
                 Some(name) => {
-                    if let Some(child) = level.children.get(name) {
+                    // Deeper than the trie: the prefix matched, test the rest of each topic.
+                    let deep = level.deep.iter().flat_map(|d| d.iter());
+                    out.extend(deep.filter(|t| topic::matches(filter, t)).cloned());
+                    if name == "+" {
+                        for (name, child) in &level.children {
+                            if visible(name) {
+                                stack.push((child, idx + 1));
+                            }
+                        }
+                    } else if let Some(child) = level.children.get(name) {
                         stack.push((child, idx + 1));
                     }
                 }
@@ -204,6 +243,7 @@ mod tests {
                 );
                 assert!(s.remove(&deep).is_some());
                 assert!(s.root.children["d"].children.is_empty());
+                assert!(s.root.children["d"].deep.is_none());
                 s.insert(deep.as_str().into(), msg(&deep));
                 // Dropped with the deep topic held.
             })
@@ -257,7 +297,7 @@ mod tests {
             for t in &topics {
                 s.remove(t);
             }
-            prop_assert!(s.root.children.is_empty());
+            prop_assert!(s.root.is_empty());
         }
     }
 }

@@ -232,6 +232,7 @@ impl Shard {
 
     /// One slice: Some(true) = more ready, Some(false) = waiting for acks, None = done.
     fn advance(&mut self, job: &mut SubJob, token: u64) -> Option<bool> {
+        let start = Instant::now();
         let mut units = SLICE_UNITS;
         loop {
             match job.stage {
@@ -283,6 +284,10 @@ impl Shard {
                         // Topics, not messages: each is looked up when its turn comes, so a
                         // message replaced meanwhile goes out in its newest version.
                         self.retained.matching(&filter, &mut job.topics);
+                        if start.elapsed() >= TURN_BUDGET {
+                            // A match over a large retained store counts for its time.
+                            break;
+                        }
                     }
                     return Some(true);
                 }
