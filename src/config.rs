@@ -383,6 +383,8 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         queue_drop_policy: policy,
         queue_qos0: boolean(t, "mqtt.queue_qos0"),
         max_subscriptions: int(t, "mqtt.max_subscriptions", 0, i64::from(u32::MAX))? as usize,
+        max_subscribe_filters: int(t, "mqtt.max_subscribe_filters", 0, i64::from(u32::MAX))?
+            as usize,
         connect_timeout_ms: int(t, "mqtt.connect_timeout_ms", 1, 3_600_000)? as u64,
         session_expiry_interval_s: int(t, "mqtt.session_expiry_interval_s", 0, i64::from(u32::MAX))?
             as u32,

@@ -41,6 +41,8 @@ pub struct BrokerConfig {
     pub queue_qos0: bool,
     /// Subscriptions per client (0 = unlimited).
     pub max_subscriptions: usize,
+    /// Filters accepted in one SUBSCRIBE packet; the rest get 0x97 (0 = unlimited).
+    pub max_subscribe_filters: usize,
     /// Time allowed to complete CONNECT, in milliseconds.
     pub connect_timeout_ms: u64,
     /// Longest time an offline persistent session is kept, in seconds.
@@ -79,6 +81,7 @@ impl Default for BrokerConfig {
             queue_drop_policy: DropPolicy::DropOldest,
             queue_qos0: true,
             max_subscriptions: 0,
+            max_subscribe_filters: 10_000,
             connect_timeout_ms: 15_000,
             session_expiry_interval_s: 7200,
             retain_available: true,

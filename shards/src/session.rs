@@ -67,7 +67,7 @@ pub struct Session {
     pub client_id: Arc<str>,
     /// Clean session (3.x) or session expiry 0 (v5): the session ends with the connection.
     pub ephemeral: bool,
-    pub subscriptions: Vec<Subscription>,
+    pub subscriptions: crate::subscription_list::SubscriptionList,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Delivery>,
     /// Incoming QoS 2 packet ids whose PUBREL has not arrived (exactly-once, MQTT 4.3.3).
@@ -83,7 +83,7 @@ impl Session {
         Session {
             client_id,
             ephemeral,
-            subscriptions: Vec::new(),
+            subscriptions: Default::default(),
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             incoming_qos2: Vec::new(),

@@ -34,11 +34,33 @@ impl<V> Default for Node<V> {
 }
 
 impl<V> Node<V> {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.value.is_none()
             && self.hash.is_none()
             && self.plus.is_none()
             && self.children.is_empty()
+    }
+
+    /// Moves this node's children onto `stack` (for the iterative drop).
+    fn take_children(&mut self, stack: &mut Vec<Node<V>>) {
+        if let Some(plus) = self.plus.take() {
+            stack.push(*plus);
+        }
+        stack.extend(self.children.drain().map(|(_, child)| child));
+    }
+}
+
+/// Iterative drop: a filter's depth is set by a client or a peer (up to the packet size with
+/// `mqtt.max_topic_levels = 0`), and the default recursive drop of a 300,000-level chain would
+/// overflow the shard's stack.
+impl<V> Drop for Node<V> {
+    fn drop(&mut self) {
+        let mut stack = Vec::new();
+        self.take_children(&mut stack);
+        while let Some(mut node) = stack.pop() {
+            node.take_children(&mut stack);
+        }
     }
 }
 
@@ -169,16 +191,60 @@ impl<V> TopicIndex<V> {
         node.value.get_or_insert_with(make)
     }
 
-    /// Removes `filter` and prunes trie nodes left empty.
+    /// Removes `filter` and prunes trie nodes left empty. Iterative: the depth is input.
     pub fn remove(&mut self, filter: &str) -> Option<V> {
         if !crate::topic::is_wildcard(filter) {
             return self.exact.remove(filter);
         }
-        let levels: SmallVec<[&str; 16]> = filter.split('/').collect();
-        let removed = remove_in(&mut self.root, &levels);
-        if removed.is_some() {
-            self.wildcard_len -= 1;
+        let levels: Vec<&str> = filter.split('/').collect();
+        let hash = levels.last() == Some(&"#");
+        // The node holding the value: for `a/#` the node of `a` (slot `hash`), else the node
+        // of the last level (slot `value`).
+        let steps = if hash {
+            &levels[..levels.len() - 1]
+        } else {
+            &levels[..]
+        };
+        // First pass (shared): check the value is there and find `cut`, the shallowest depth
+        // from which the path is a chain of nodes holding nothing but the next path node.
+        let mut node = &self.root;
+        let mut cut = None;
+        for (i, level) in steps.iter().enumerate() {
+            node = child_of(node, level)?;
+            let depth = i + 1;
+            if depth == steps.len() {
+                break;
+            }
+            if holds_only_one_child(node) {
+                cut.get_or_insert(depth);
+            } else {
+                cut = None;
+            }
         }
+        let slot = if hash { &node.hash } else { &node.value };
+        slot.as_ref()?;
+        let other = if hash { &node.value } else { &node.hash };
+        let target_empties = other.is_none() && node.plus.is_none() && node.children.is_empty();
+        // Second pass (mutable): take the value, then cut the emptied chain off in one piece
+        // (its drop is iterative too).
+        let mut node = &mut self.root;
+        for level in steps {
+            node = child_of_mut(node, level).expect("seen in the first pass");
+        }
+        let removed = if hash {
+            node.hash.take()
+        } else {
+            node.value.take()
+        };
+        if target_empties && !steps.is_empty() {
+            let depth = cut.unwrap_or(steps.len());
+            let mut parent = &mut self.root;
+            for level in &steps[..depth - 1] {
+                parent = child_of_mut(parent, level).expect("seen in the first pass");
+            }
+            remove_child(parent, steps[depth - 1]);
+        }
+        self.wildcard_len -= 1;
         removed
     }
 
@@ -191,9 +257,7 @@ impl<V> TopicIndex<V> {
             return;
         }
         let levels: SmallVec<[&str; 16]> = topic.split('/').collect();
-        // MQTT-4.7.2-1: a leading wildcard never matches a topic starting with '$'.
-        let dollar = topic.starts_with('$');
-        walk(&self.root, &levels, 0, dollar, &mut f);
+        walk(&self.root, &levels, topic.starts_with('$'), &mut f);
     }
 
     /// Visits every (filter, value) pair; filters are rebuilt, so this is for snapshots only.
@@ -201,91 +265,100 @@ impl<V> TopicIndex<V> {
         for (k, v) in &self.exact {
             f(k, v);
         }
-        let mut path = String::new();
-        visit(&self.root, &mut path, &mut f);
+        visit(&self.root, &mut f);
     }
 }
 
-fn walk<V>(node: &Node<V>, levels: &[&str], idx: usize, dollar: bool, f: &mut impl FnMut(&V)) {
-    let guard = idx == 0 && dollar;
-    if !guard {
-        if let Some(v) = &node.hash {
-            f(v);
-        }
-    }
-    if idx == levels.len() {
-        if let Some(v) = &node.value {
-            f(v);
-        }
-        return;
-    }
-    if let Some(child) = node.children.get(levels[idx]) {
-        walk(child, levels, idx + 1, dollar, f);
-    }
-    if !guard {
-        if let Some(plus) = &node.plus {
-            walk(plus, levels, idx + 1, dollar, f);
-        }
-    }
-}
-
-fn remove_in<V>(node: &mut Node<V>, levels: &[&str]) -> Option<V> {
-    let (first, rest) = levels.split_first()?;
-    if *first == "#" {
-        return node.hash.take();
-    }
-    let removed;
-    if *first == "+" {
-        let child = node.plus.as_deref_mut()?;
-        removed = if rest.is_empty() {
-            child.value.take()
-        } else {
-            remove_in(child, rest)
-        };
-        if child.is_empty() {
-            node.plus = None;
-        }
+fn child_of<'a, V>(node: &'a Node<V>, level: &str) -> Option<&'a Node<V>> {
+    if level == "+" {
+        node.plus.as_deref()
     } else {
-        let child = node.children.get_mut(*first)?;
-        removed = if rest.is_empty() {
-            child.value.take()
-        } else {
-            remove_in(child, rest)
-        };
-        if child.is_empty() {
-            node.children.remove(*first);
+        node.children.get(level)
+    }
+}
+
+fn child_of_mut<'a, V>(node: &'a mut Node<V>, level: &str) -> Option<&'a mut Node<V>> {
+    if level == "+" {
+        node.plus.as_deref_mut()
+    } else {
+        node.children.get_mut(level)
+    }
+}
+
+fn remove_child<V>(node: &mut Node<V>, level: &str) {
+    if level == "+" {
+        node.plus = None;
+    } else {
+        node.children.remove(level);
+    }
+}
+
+/// True when the node holds no value of its own and exactly one child.
+fn holds_only_one_child<V>(node: &Node<V>) -> bool {
+    node.value.is_none()
+        && node.hash.is_none()
+        && node.children.len() + usize::from(node.plus.is_some()) == 1
+}
+
+/// Every filter matching `levels`, with an explicit stack (the depth is input).
+fn walk<V>(root: &Node<V>, levels: &[&str], dollar: bool, f: &mut impl FnMut(&V)) {
+    let mut stack: Vec<(&Node<V>, usize)> = vec![(root, 0)];
+    while let Some((node, idx)) = stack.pop() {
+        // MQTT-4.7.2-1: a leading wildcard never matches a topic starting with '$'.
+        let guard = idx == 0 && dollar;
+        if !guard {
+            if let Some(v) = &node.hash {
+                f(v);
+            }
+        }
+        if idx == levels.len() {
+            if let Some(v) = &node.value {
+                f(v);
+            }
+            continue;
+        }
+        if let Some(child) = node.children.get(levels[idx]) {
+            stack.push((child, idx + 1));
+        }
+        if !guard {
+            if let Some(plus) = &node.plus {
+                stack.push((plus, idx + 1));
+            }
         }
     }
-    removed
 }
 
-fn visit<V>(node: &Node<V>, path: &mut String, f: &mut impl FnMut(&str, &V)) {
-    let base = path.len();
-    if let Some(v) = &node.value {
-        f(path, v);
+/// Depth-first visit of every filter with an explicit stack; `path` is rebuilt in place: a
+/// node's entry remembers the length of its parent's path, which stays intact below it.
+fn visit<V>(root: &Node<V>, f: &mut impl FnMut(&str, &V)) {
+    let mut path = String::new();
+    // (node, its level, length of the parent's path, depth)
+    let mut stack: Vec<(&Node<V>, &str, usize, usize)> = vec![(root, "", 0, 0)];
+    while let Some((node, level, parent_len, depth)) = stack.pop() {
+        path.truncate(parent_len);
+        if depth > 1 {
+            path.push('/');
+        }
+        path.push_str(level);
+        let base = path.len();
+        if let Some(v) = &node.value {
+            f(&path, v);
+        }
+        if let Some(v) = &node.hash {
+            if depth > 0 {
+                path.push('/');
+            }
+            path.push('#');
+            f(&path, v);
+            path.truncate(base);
+        }
+        if let Some(plus) = &node.plus {
+            stack.push((plus, "+", base, depth + 1));
+        }
+        for (level, child) in &node.children {
+            stack.push((child, level, base, depth + 1));
+        }
     }
-    if let Some(v) = &node.hash {
-        push_level(path, base, "#");
-        f(path, v);
-        path.truncate(base);
-    }
-    if let Some(plus) = &node.plus {
-        push_level(path, base, "+");
-        visit(plus, path, f);
-        path.truncate(base);
-    }
-    for (level, child) in &node.children {
-        push_level(path, base, level);
-        visit(child, path, f);
-        path.truncate(base);
-    }
-}
-
-fn push_level(path: &mut String, base: usize, level: &str) {
-    if base > 0 || !path.is_empty() {
-        path.push('/');
-    }
-    path.push_str(level);
 }
 
 #[cfg(test)]
@@ -352,6 +425,70 @@ mod tests {
         assert_eq!(seen, want);
     }
 
+    /// Runs `f` on a thread with a small stack: any recursion over the depth would overflow.
+    fn on_small_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("no stack overflow");
+    }
+
+    #[test]
+    fn a_300000_level_filter_is_inserted_matched_listed_and_removed_without_recursion() {
+        on_small_stack(|| {
+            let depth = 300_000;
+            let topic = vec!["a"; depth].join("/");
+            let plus = format!("{}/+", vec!["a"; depth - 1].join("/"));
+            let hash = format!("{}/#", vec!["a"; depth - 1].join("/"));
+            let mut idx = TopicIndex::default();
+            idx.get_or_insert_with(&plus, || 1);
+            idx.get_or_insert_with(&hash, || 2);
+            let mut seen = Vec::new();
+            idx.for_each_match(&topic, |v| seen.push(*v));
+            seen.sort();
+            assert_eq!(seen, [1, 2]);
+            let mut listed = 0;
+            idx.for_each(|f, _| {
+                assert!(f == plus || f == hash);
+                listed += 1;
+            });
+            assert_eq!(listed, 2);
+            assert_eq!(idx.remove(&plus), Some(1));
+            assert_eq!(idx.len(), 1);
+            idx.get_or_insert_with(&plus, || 3);
+            // Dropped with two deep filters still held.
+        });
+    }
+
+    #[test]
+    fn removing_a_deep_filter_prunes_its_whole_chain() {
+        on_small_stack(|| {
+            let filter = format!("{}/+", vec!["x"; 300_000].join("/"));
+            let mut idx = TopicIndex::default();
+            idx.get_or_insert_with("x/#", || 0);
+            idx.get_or_insert_with(&filter, || 1);
+            assert_eq!(idx.remove(&filter), Some(1));
+            assert_eq!(idx.remove(&filter), None);
+            assert_eq!(idx.len(), 1);
+            let x = idx.root.children.get("x").expect("x/# kept");
+            assert!(x.children.is_empty() && x.plus.is_none());
+        });
+    }
+
+    #[test]
+    fn for_each_keeps_empty_levels() {
+        let mut idx = TopicIndex::default();
+        for f in ["/+", "+//#", "/"] {
+            idx.get_or_insert_with(f, || ());
+        }
+        let mut seen = Vec::new();
+        idx.for_each(|f, _| seen.push(f.to_string()));
+        seen.sort();
+        assert_eq!(seen, ["+//#", "/", "/+"]);
+    }
+
     fn level() -> impl Strategy<Value = String> {
         prop_oneof![
             Just("a".to_string()),
@@ -389,6 +526,37 @@ mod tests {
             want.sort();
             want.dedup();
             prop_assert_eq!(matched(&idx, &topic), want);
+        }
+
+        #[test]
+        fn removal_agrees_with_reference_matcher_and_prunes_everything(
+            filters in proptest::collection::vec(filter(), 0..20),
+            gone in proptest::collection::vec(any::<bool>(), 20),
+            topic in proptest::collection::vec(level(), 1..5),
+        ) {
+            let topic = topic.join("/");
+            let mut idx = TopicIndex::default();
+            for f in &filters {
+                idx.get_or_insert_with(f, || f.clone());
+            }
+            let mut kept: Vec<String> = Vec::new();
+            for (f, g) in filters.iter().zip(&gone) {
+                if *g {
+                    idx.remove(f);
+                } else {
+                    kept.push(f.clone());
+                }
+            }
+            kept.retain(|f| !filters.iter().zip(&gone).any(|(x, g)| *g && x == f));
+            let mut want: Vec<String> = kept.iter().filter(|f| matches(f, &topic)).cloned().collect();
+            want.sort();
+            want.dedup();
+            prop_assert_eq!(matched(&idx, &topic), want);
+            for f in &filters {
+                idx.remove(f);
+            }
+            prop_assert!(idx.is_empty());
+            prop_assert!(idx.root.is_empty());
         }
     }
 }
