@@ -223,3 +223,41 @@ fn filters_past_max_subscribe_filters_are_refused_one_by_one() {
     v3.send(&publish_packet("cap/2", b"x", 0, 0, false, false));
     assert_eq!(v3.recv(WAIT).expect("delivery").publish().0, "cap/2");
 }
+
+#[test]
+fn a_disconnect_sent_behind_a_big_subscribe_keeps_the_will_even_when_the_socket_closes_at_once() {
+    // The client's SUBSCRIBE is worked through in slices while its reading is paused; its
+    // DISCONNECT and EOF arrive meanwhile. The DISCONNECT must still be handled (no will).
+    let b = Broker::start(&[("NODE__SHARDS", "1"), ("MQTT__MAX_SUBSCRIBE_FILTERS", "0")]);
+    let (mut watcher, _) = RawClient::mqtt(b.addr(), "will-watcher", true);
+    assert_eq!(watcher.subscribe(1, "wills/#", 0), 0);
+    for round in 0..5 {
+        let mut c = RawClient::connect(b.addr());
+        c.send(&connect_packet(
+            4,
+            &format!("leaver-{round}"),
+            true,
+            60,
+            Some(("wills/leaver", b"gone", 0)),
+        ));
+        assert_eq!(c.recv(WAIT).expect("CONNACK").kind(), 2);
+        let mut bytes = subscribe_many(1, (0..20_000).map(|i| format!("s/{round}/{i}")), 0);
+        bytes.extend(packet(0xE0, &[]));
+        c.send(&bytes);
+        drop(c);
+    }
+    // Every leaver's SUBSCRIBE is worked through well within this on a debug build.
+    std::thread::sleep(Duration::from_secs(3));
+    watcher.send(&[0xC0, 0]);
+    let p = watcher
+        .recv(WAIT)
+        .expect("PINGRESP: the watcher is still served");
+    assert_eq!(
+        p.kind(),
+        13,
+        "a will was published although the client sent DISCONNECT: {p:?}"
+    );
+    if let Some(p) = watcher.recv(Duration::from_secs(1)) {
+        panic!("a will was published although the client sent DISCONNECT: {p:?}");
+    }
+}

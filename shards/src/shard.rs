@@ -428,6 +428,10 @@ impl Shard {
                 self.on_bytes(slot, gen, buf.bytes());
             }
         } else if c.result == 0 {
+            if self.sub_jobs.holds(slot, gen) {
+                self.sub_jobs.eof_while_held(slot, gen);
+                return;
+            }
             if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
                 // What a paused client sent before it closed still counts (a DISCONNECT
                 // among it keeps its will from being published).

@@ -74,6 +74,9 @@ pub(super) struct SubJobs {
     jobs: AHashMap<u64, SubJob>,
     ready: VecDeque<u64>,
     paused: AHashMap<u64, u32>,
+    /// Held connections whose client closed its side meanwhile: what it sent before the EOF
+    /// is handled after the jobs (a DISCONNECT among it keeps the will), then it closes.
+    eof: ahash::AHashSet<u64>,
 }
 
 impl SubJobs {
@@ -85,6 +88,12 @@ impl SubJobs {
     /// True when a job holds the connection's reading paused.
     pub(super) fn holds(&self, slot: u32, gen: u32) -> bool {
         self.paused.contains_key(&conn_token(slot, gen))
+    }
+
+    /// The held connection's client closed its side: close it once its jobs are done.
+    pub(super) fn eof_while_held(&mut self, slot: u32, gen: u32) {
+        debug_assert!(self.holds(slot, gen));
+        self.eof.insert(conn_token(slot, gen));
     }
 }
 
@@ -450,9 +459,22 @@ impl Shard {
             return;
         }
         self.sub_jobs.paused.remove(&key);
+        let eof = self.sub_jobs.eof.remove(&key);
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;
         };
+        if eof {
+            // Nothing more can arrive: handle what was sent before the EOF, then close
+            // (unless that started another job, which closes it when it ends).
+            conn.parked = false;
+            self.on_bytes(slot, gen, &[]);
+            if self.sub_jobs.holds(slot, gen) {
+                self.sub_jobs.eof.insert(key);
+            } else if self.conns.get_mut(slot, gen).is_some() {
+                self.close(slot, Close::Abnormal);
+            }
+            return;
+        }
         if self.paused {
             // Cluster backpressure: `resume` reads it again with the others.
             if !self.parked.contains(&(slot, gen)) {
