@@ -389,6 +389,8 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         session_expiry_interval_s: int(t, "mqtt.session_expiry_interval_s", 0, i64::from(u32::MAX))?
             as u32,
         retain_available: boolean(t, "mqtt.retain_available"),
+        max_retained_messages: int(t, "mqtt.max_retained_messages", 0, i64::MAX)? as usize,
+        max_retained_bytes: int(t, "mqtt.max_retained_bytes", 0, i64::MAX)? as usize,
         shared_subscription: boolean(t, "mqtt.shared_subscription"),
         shared_strategy,
         sys_interval_s: int(t, "sys.interval_s", 0, 86_400)? as u64,

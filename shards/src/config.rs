@@ -49,6 +49,10 @@ pub struct BrokerConfig {
     pub session_expiry_interval_s: u32,
     /// Whether retained messages are stored.
     pub retain_available: bool,
+    /// Retained messages kept per node (0 = unlimited).
+    pub max_retained_messages: usize,
+    /// Topic + payload bytes of the retained messages kept per node (0 = unlimited).
+    pub max_retained_bytes: usize,
     /// Whether `$share/` and `$queue/` subscriptions are accepted.
     pub shared_subscription: bool,
     /// How a shared group picks a member.
@@ -85,6 +89,8 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 15_000,
             session_expiry_interval_s: 7200,
             retain_available: true,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 1 << 30,
             shared_subscription: true,
             shared_strategy: Strategy::RoundRobin,
             sys_interval_s: 60,

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub subscriptions: AtomicI64,
     /// Connections refused for a limit (max connections, quota).
     pub refused: AtomicU64,
+    /// Retained messages not stored because the store was full (`mqtt.max_retained_*`);
+    /// each is still delivered to the subscribers of its topic.
+    pub retained_refused: AtomicU64,
     /// Messages forwarded to other nodes.
     pub cluster_forwarded: AtomicU64,
     /// `writev` calls on cluster links (forwarded / this = messages per link write).
@@ -208,6 +211,12 @@ impl Metrics {
                 "refused_total",
                 "Connections refused by a limit",
                 c(&self.refused),
+                true,
+            ),
+            (
+                "retained_refused_total",
+                "Retained messages not stored: the retained store was full",
+                c(&self.retained_refused),
                 true,
             ),
             (

@@ -51,6 +51,8 @@ impl Drop for Level {
 pub struct RetainedStore {
     by_topic: AHashMap<Arc<str>, Arc<Message>>,
     root: Level,
+    /// Topic and payload bytes held, what `mqtt.max_retained_bytes` bounds.
+    bytes: usize,
 }
 
 impl RetainedStore {
@@ -64,6 +66,23 @@ impl RetainedStore {
         self.by_topic.is_empty()
     }
 
+    /// Topic and payload bytes of the retained messages.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// True when retaining `msg` under `topic` keeps the store within `max_count` messages
+    /// and `max_bytes` bytes (0 = no limit). Replacing a message may always shrink it.
+    pub fn fits(&self, topic: &str, msg: &Message, max_count: usize, max_bytes: usize) -> bool {
+        let old = self.by_topic.get(topic);
+        let grows = old.map_or(topic.len() + msg.payload.len(), |o| {
+            msg.payload.len().saturating_sub(o.payload.len())
+        });
+        let count_ok = max_count == 0 || old.is_some() || self.by_topic.len() < max_count;
+        let bytes_ok = max_bytes == 0 || grows == 0 || self.bytes + grows <= max_bytes;
+        count_ok && bytes_ok
+    }
+
     /// The retained message of `topic`.
     pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
         self.by_topic.get(topic)
@@ -71,9 +90,12 @@ impl RetainedStore {
 
     /// Retains `msg` under `topic` (a valid topic name), replacing any message there.
     pub fn insert(&mut self, topic: Arc<str>, msg: Arc<Message>) {
-        if self.by_topic.insert(topic.clone(), msg).is_some() {
+        self.bytes += msg.payload.len();
+        if let Some(old) = self.by_topic.insert(topic.clone(), msg) {
+            self.bytes -= old.payload.len();
             return;
         }
+        self.bytes += topic.len();
         let mut level = &mut self.root;
         let mut names = topic.split('/');
         for name in names.by_ref().take(TRIE_LEVELS_MAX) {
@@ -90,6 +112,7 @@ impl RetainedStore {
     /// Forgets the retained message of `topic` and prunes the levels left empty.
     pub fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
         let msg = self.by_topic.remove(topic)?;
+        self.bytes -= topic.len() + msg.payload.len();
         let names: Vec<&str> = topic.split('/').take(TRIE_LEVELS_MAX + 1).collect();
         let deep = names.len() > TRIE_LEVELS_MAX;
         let names = &names[..names.len().min(TRIE_LEVELS_MAX)];
@@ -191,6 +214,38 @@ mod tests {
     use super::*;
     use crate::topic::matches;
     use proptest::prelude::*;
+
+    #[test]
+    fn limits_refuse_new_topics_but_let_existing_ones_be_replaced() {
+        let mut s = RetainedStore::default();
+        let with = |topic: &str, payload: &'static [u8]| {
+            Arc::new(Message {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(payload),
+                qos: shardmq_net::QoS::AtMostOnce,
+                retain: true,
+                properties: None,
+                publisher: "p".into(),
+                expires_at: None,
+                id: 0,
+            })
+        };
+        s.insert("a".into(), with("a", b"1234"));
+        s.insert("bb".into(), with("bb", b"12"));
+        assert_eq!(s.bytes(), 1 + 4 + 2 + 2);
+        // Count: two held, a third topic is refused at max 2, a replacement fits.
+        assert!(!s.fits("c", &with("c", b"1"), 2, 0));
+        assert!(s.fits("a", &with("a", b"123456789"), 2, 0));
+        // Bytes: 9 held; a new topic of 2 bytes fits at 11, not at 10; shrinking always fits.
+        assert!(s.fits("c", &with("c", b"1"), 0, 11));
+        assert!(!s.fits("c", &with("c", b"1"), 0, 10));
+        assert!(s.fits("a", &with("a", b""), 0, 1));
+        s.insert("a".into(), with("a", b"123456789"));
+        assert_eq!(s.bytes(), 1 + 9 + 2 + 2);
+        s.remove("a");
+        s.remove("bb");
+        assert_eq!(s.bytes(), 0);
+    }
 
     fn msg(topic: &str) -> Arc<Message> {
         Arc::new(Message {

@@ -2199,7 +2199,27 @@ impl Shard {
         } else {
             Some(msg.clone())
         };
-        self.apply_retained(msg.topic.clone(), value.clone());
+        if !self.apply_retained(msg.topic.clone(), value.clone()) {
+            // Counted and logged by the shard the PUBLISH arrived on (every replica refuses).
+            let n = self
+                .shared
+                .metrics
+                .retained_refused
+                .fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                log::warn!(
+                    "shard {}: retained store full ({} messages, {} bytes; \
+                     mqtt.max_retained_messages / max_retained_bytes): not retaining {:?} \
+                     ({} refused so far)",
+                    self.id,
+                    self.retained.len(),
+                    self.retained.bytes(),
+                    msg.topic,
+                    n + 1
+                );
+            }
+            return;
+        }
         if self.shared.cluster.enabled.load(Ordering::Relaxed) {
             let cluster = self.mesh.cluster();
             self.mesh
@@ -2218,15 +2238,27 @@ impl Shard {
         }
     }
 
-    fn apply_retained(&mut self, topic: Arc<str>, msg: Option<Arc<Message>>) {
+    /// Applies a retained message (or its removal) to this shard's replica; false when the
+    /// store is full (`mqtt.max_retained_*`) and the message was not retained. Each replica
+    /// applies the limit itself, so at the limit replicas may differ by the messages that
+    /// raced for the last room.
+    fn apply_retained(&mut self, topic: Arc<str>, msg: Option<Arc<Message>>) -> bool {
         match msg {
             Some(m) => {
+                let (count, bytes) = (
+                    self.cfg().max_retained_messages,
+                    self.cfg().max_retained_bytes,
+                );
+                if !self.retained.fits(&topic, &m, count, bytes) {
+                    return false;
+                }
                 self.retained.insert(topic, m);
             }
             None => {
                 self.retained.remove(&topic);
             }
         }
+        true
     }
 
     // ---------------------------------------------------------------- mesh
@@ -2241,7 +2273,9 @@ impl Shard {
             }
             MeshMsg::RouteAck { token } => self.on_route_ack(token),
             MeshMsg::RouteDel { filter, shard } => self.route_del(&filter, shard as usize),
-            MeshMsg::Retain { topic, msg } => self.apply_retained(topic, msg),
+            MeshMsg::Retain { topic, msg } => {
+                self.apply_retained(topic, msg);
+            }
             MeshMsg::Handoff(h) => self.on_handoff(*h),
             MeshMsg::ShareJoin { key, member } => self.group_join(key, member),
             MeshMsg::LinkAttach(a) => self.on_link_attach(*a),
