@@ -120,8 +120,8 @@ struct SessionEntry {
     /// both directly and in the old node's tail is delivered once.
     seen: Option<Box<SeenIds>>,
     /// Source address key (see `origin_key`) this persistent session is counted under for
-    /// `mqtt.max_sessions_per_ip`; 0 = not counted.
-    origin: u64,
+    /// `mqtt.max_sessions_per_ip`; 0 = not counted. 32 bits fit the entry's padding.
+    origin: u32,
 }
 
 /// A socket closed with a reason, half-closed and drained until EOF or its deadline.
@@ -256,7 +256,7 @@ pub struct Shard {
     /// Sockets closed with a reason, drained before they are closed (oldest first).
     lingering: std::collections::VecDeque<Lingering>,
     /// Persistent sessions on this shard per source address key (`origin_key`).
-    sessions_by_origin: AHashMap<u64, u32>,
+    sessions_by_origin: AHashMap<u32, u32>,
     doorbell_counter: Box<u64>,
     epoch: Instant,
     now_ms: u64,
@@ -3361,23 +3361,26 @@ fn close_now(fd: OwnedFd) {
 }
 
 /// The key a client's source address is counted under for `mqtt.max_sessions_per_ip`: an
-/// IPv4 address (also when IPv4-mapped), or an IPv6 /64 (one subscriber's usual allocation);
-/// 0 when the address cannot be read.
-fn origin_key(fd: std::os::fd::RawFd) -> u64 {
+/// IPv4 address (also when IPv4-mapped), or an IPv6 /64 (one subscriber's usual allocation)
+/// folded to 32 bits (two prefixes may share a quota); 0 when the address cannot be read.
+fn origin_key(fd: std::os::fd::RawFd) -> u32 {
     // SAFETY: the TcpStream borrows a descriptor the connection owns and is never dropped
     // (ManuallyDrop), so it does not close it; only getpeername is called on it.
     let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     let Ok(addr) = stream.peer_addr() else {
         return 0;
     };
-    let v4 = |ip: std::net::Ipv4Addr| (1u64 << 32) | u32::from(ip) as u64;
-    match addr.ip() {
-        std::net::IpAddr::V4(ip) => v4(ip),
+    let key = match addr.ip() {
+        std::net::IpAddr::V4(ip) => u32::from(ip),
         std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(ip) => v4(ip),
-            None => (u128::from(ip) >> 64) as u64 | 1,
+            Some(ip) => u32::from(ip),
+            None => {
+                let prefix = (u128::from(ip) >> 64) as u64;
+                (prefix ^ (prefix >> 32)) as u32
+            }
         },
-    }
+    };
+    key.max(1)
 }
 
 fn conn_token(slot: u32, gen: u32) -> u64 {
