@@ -376,9 +376,12 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         max_connections: int(t, "listeners.tcp.default.max_connections", 1, i64::MAX)? as usize,
         // MQTT 2.2.3: a packet is at most 268,435,455 bytes of body plus a 5-byte header.
         max_packet_size: int(t, "mqtt.max_packet_size", 64, 268_435_460)? as u32,
+        max_connect_packet_size: int(t, "mqtt.max_connect_packet_size", 64, 268_435_460)? as u32,
         max_clientid_len: int(t, "mqtt.max_clientid_len", 23, 65535)? as usize,
+        max_sessions_per_ip: int(t, "mqtt.max_sessions_per_ip", 0, i64::from(u32::MAX))? as usize,
         max_topic_levels: int(t, "mqtt.max_topic_levels", 0, 65535)? as usize,
         max_inflight: int(t, "mqtt.max_inflight", 1, 65535)? as u16,
+        max_awaiting_rel: int(t, "mqtt.max_awaiting_rel", 0, 65535)? as usize,
         max_queued_messages: int(t, "mqtt.max_queued_messages", 0, i64::from(u32::MAX))? as usize,
         queue_drop_policy: policy,
         queue_qos0: boolean(t, "mqtt.queue_qos0"),
@@ -396,6 +399,10 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         sys_interval_s: int(t, "sys.interval_s", 0, 86_400)? as u64,
         server_keepalive_s: int(t, "mqtt.server_keepalive_s", 0, 65535)? as u16,
         max_topic_alias: int(t, "mqtt.max_topic_alias", 0, 65535)? as u16,
+        max_topic_alias_bytes: int(t, "mqtt.max_topic_alias_bytes", 0, i64::from(u32::MAX))?
+            as usize,
+        max_conn_output_bytes: int(t, "mqtt.max_conn_output_bytes", 4096, i64::from(u32::MAX))?
+            as usize,
         response_information: string(t, "mqtt.response_information").to_string(),
     };
     let mgmt_key = "management.bind";

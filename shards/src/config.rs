@@ -27,12 +27,21 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Largest packet accepted or sent, in bytes.
     pub max_packet_size: u32,
+    /// Largest packet accepted before CONNECT is complete (the CONNECT itself, will
+    /// included), in bytes.
+    pub max_connect_packet_size: u32,
     /// Longest client id, in bytes.
     pub max_clientid_len: usize,
+    /// Persistent sessions created from one source address (IPv4 address or IPv6 /64) and
+    /// still alive, per node (0 = unlimited); enforced per shard as ceil(total / shards).
+    pub max_sessions_per_ip: usize,
     /// Deepest topic name or filter, in levels (0 = unlimited).
     pub max_topic_levels: usize,
     /// Unacknowledged QoS 1/2 messages per client.
     pub max_inflight: u16,
+    /// QoS 2 ids a 3.x client may leave awaiting PUBREL (0 = unlimited); v5 clients are
+    /// bounded by `max_inflight`, our Receive Maximum.
+    pub max_awaiting_rel: usize,
     /// Messages queued per session beyond the in-flight window.
     pub max_queued_messages: usize,
     /// What a full queue drops.
@@ -63,6 +72,12 @@ pub struct BrokerConfig {
     pub server_keepalive_s: u16,
     /// Topic aliases a v5 client may define (0 = none).
     pub max_topic_alias: u16,
+    /// Topic bytes (plus a per-entry overhead) held by one connection's aliases, per
+    /// direction.
+    pub max_topic_alias_bytes: usize,
+    /// Memory of control packets queued to a client that does not read, in bytes, beyond
+    /// which it is disconnected.
+    pub max_conn_output_bytes: usize,
     /// Response Information sent to v5 clients that ask for it (empty = none).
     pub response_information: String,
     /// Cluster membership and links.
@@ -78,9 +93,12 @@ impl Default for BrokerConfig {
             backlog: 4096,
             max_connections: 1_000_000,
             max_packet_size: 1 << 20,
+            max_connect_packet_size: 65536,
             max_clientid_len: 65535,
+            max_sessions_per_ip: 10_000,
             max_topic_levels: 128,
             max_inflight: 32,
+            max_awaiting_rel: 100,
             max_queued_messages: 1000,
             queue_drop_policy: DropPolicy::DropOldest,
             queue_qos0: true,
@@ -96,6 +114,8 @@ impl Default for BrokerConfig {
             sys_interval_s: 60,
             server_keepalive_s: 0,
             max_topic_alias: 65535,
+            max_topic_alias_bytes: 256 * 1024,
+            max_conn_output_bytes: 4 << 20,
             response_information: String::new(),
             cluster: crate::cluster::ClusterConfig::default(),
         }

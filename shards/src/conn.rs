@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Most iovecs handed to one `writev`.
 const IOV_MAX: usize = 64;
+/// Memory of one queued entry besides its bytes (the `Bytes` in the deque), for budgets.
+const OUT_ENTRY_BYTES: usize = std::mem::size_of::<Bytes>();
 
 /// Lifecycle of a connection (sessions have their own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +40,11 @@ pub struct Conn {
     out: VecDeque<Bytes>,
     /// Bytes queued in `out`.
     pub out_bytes: usize,
+    /// Memory held by queued control packets (responses the client provoked: PINGRESP,
+    /// acks, SUBACK...), an upper bound in bytes including each entry's slot. Deliveries are
+    /// bounded elsewhere (session window and queue); these are not, so a client that keeps
+    /// asking and never reads is cut when this passes `mqtt.max_conn_output_bytes`.
+    pub ctrl_bytes: usize,
     /// Waiting for POLLOUT after the kernel's send buffer filled.
     pub write_blocked: bool,
     /// Listed in the shard's flush list for this turn.
@@ -67,13 +74,14 @@ pub struct Conn {
     pub aliases: Option<Box<Aliases>>,
 }
 
-/// Per-connection topic alias maps (MQTT 3.3.2.3.4).
+/// Per-connection topic alias maps (MQTT 3.3.2.3.4), each bounded (see `alias`).
 #[derive(Default)]
 pub struct Aliases {
     /// Client → server: alias → topic.
-    pub inbound: ahash::AHashMap<u16, std::sync::Arc<str>>,
-    /// Server → client: topic → alias.
-    pub outbound: ahash::AHashMap<std::sync::Arc<str>, u16>,
+    pub inbound: crate::alias::InboundAliases,
+    /// Server → client: topic → alias; created at the first delivery to a client that
+    /// takes aliases.
+    pub outbound: Option<crate::alias::OutboundAliases>,
 }
 
 impl Conn {
@@ -87,6 +95,7 @@ impl Conn {
             partial: Vec::new(),
             out: VecDeque::new(),
             out_bytes: 0,
+            ctrl_bytes: 0,
             write_blocked: false,
             dirty: false,
             parked: false,
@@ -116,6 +125,14 @@ impl Conn {
         }
     }
 
+    /// Queues a control packet, charging its memory to `ctrl_bytes`.
+    pub fn push_ctrl(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.ctrl_bytes += b.len() + OUT_ENTRY_BYTES;
+            self.push(b);
+        }
+    }
+
     /// True when nothing waits to be written.
     pub fn out_is_empty(&self) -> bool {
         self.out.is_empty()
@@ -131,8 +148,13 @@ impl Conn {
             &mut self.out_bytes,
             &mut writes,
         )? {
+            // What is still queued bounds what is left of the control packets.
+            self.ctrl_bytes = self
+                .ctrl_bytes
+                .min(self.out_bytes + self.out.len() * OUT_ENTRY_BYTES);
             return Ok(false);
         }
+        self.ctrl_bytes = 0;
         // Give back the deque's buffer so an idle connection holds none (MQTT connections are
         // idle most of the time; a small malloc per busy turn is cheaper than 144 B each).
         self.out = VecDeque::new();

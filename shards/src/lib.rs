@@ -3,7 +3,7 @@
 //! Table of contents, in the order a message meets them:
 //! - [`node`]: binds listeners and starts one [`shard`] per core.
 //! - [`ring`]: the shard's io_uring (accept, multishot recv into a shared buffer pool, doorbell).
-//! - [`conn`]: compact per-socket state and the vectored write path.
+//! - [`conn`]: compact per-socket state and the vectored write path; [`alias`]: its topic aliases.
 //! - [`shard`]: the event loop and the MQTT semantics (connect, publish, subscribe, takeover).
 //! - [`session`]: per-client state (in-flight window, bounded queue, QoS 2 ids), sans-IO.
 //! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
@@ -13,6 +13,7 @@
 //! - [`link`]: a shard's data links to other nodes (batched forwarding, backpressure).
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
+pub mod alias;
 pub mod cluster;
 pub mod config;
 pub mod conn;

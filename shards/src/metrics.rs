@@ -31,6 +31,10 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     /// Client connections closed, for any reason.
     pub disconnects_total: AtomicU64,
+    /// Clients closed for not reading: responses past `mqtt.max_conn_output_bytes`.
+    pub disconnects_output_overflow: AtomicU64,
+    /// Accepts that failed for lack of descriptors or memory (EMFILE, ENFILE, ...).
+    pub accept_errors_no_fd: AtomicU64,
     /// Subscriptions held by all sessions (a gauge).
     pub subscriptions: AtomicI64,
     /// Connections refused for a limit (max connections, quota).
@@ -127,6 +131,18 @@ impl Metrics {
                 "disconnects_total",
                 "Connections closed since start",
                 c(&self.disconnects_total),
+                true,
+            ),
+            (
+                "disconnects_output_overflow_total",
+                "Clients closed for leaving too many responses unread",
+                c(&self.disconnects_output_overflow),
+                true,
+            ),
+            (
+                "accept_errors_no_fd_total",
+                "Accepts failed for lack of file descriptors or memory",
+                c(&self.accept_errors_no_fd),
                 true,
             ),
             (

@@ -317,6 +317,11 @@ impl Session {
         true
     }
 
+    /// True while the incoming QoS 2 `packet_id` awaits its PUBREL.
+    pub fn awaits_pubrel(&self, packet_id: u16) -> bool {
+        self.incoming_qos2.contains(&packet_id)
+    }
+
     /// Incoming PUBREL: forgets the id; true if it was known.
     pub fn release_qos2(&mut self, packet_id: u16) -> bool {
         match self.incoming_qos2.iter().position(|&p| p == packet_id) {

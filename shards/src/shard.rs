@@ -10,6 +10,7 @@
 //! arrives on another shard is handed over with its bytes, so a client id is only ever looked
 //! up, taken over or resumed on one thread and takeover needs no cross-shard protocol.
 
+use crate::alias::{AliasUse, OutboundAliases};
 use crate::cluster::{from_wire, to_wire};
 use crate::config::BrokerConfig;
 use crate::conn::write_queue;
@@ -64,6 +65,23 @@ const TIMER_SESSION: u64 = 1 << 63;
 const TIMER_SYS: u64 = 1 << 62;
 /// Timer tokens of delayed wills have this bit set (with the session index).
 const TIMER_WILL: u64 = 1 << 61;
+/// Timer token that re-arms accepting after the process ran out of descriptors.
+const TIMER_ACCEPT: u64 = 1 << 60;
+/// Timer token that drains lingering sockets.
+const TIMER_LINGER: u64 = 1 << 59;
+/// Pause before accepting again after EMFILE/ENFILE (the failed connection waits in the
+/// listen backlog), in ms; re-arming at once spins the shard on the same error.
+const ACCEPT_BACKOFF_MS: u64 = 100;
+/// At most one log line per shard about failing accepts in this interval, in ms.
+const ACCEPT_LOG_INTERVAL_MS: u64 = 1_000;
+/// How long a socket closed with a reason (DISCONNECT, CONNACK refusal) is half-closed and
+/// drained before it is closed, in ms, so that the client reads the reason instead of a
+/// reset (unread input at close makes the kernel send RST).
+const LINGER_MS: u64 = 2_000;
+/// Bytes drained from one lingering socket at most; past it the socket is closed.
+const LINGER_DRAIN_BYTES_MAX: usize = 1 << 20;
+/// Lingering sockets per shard at most; past it, the oldest is closed at once.
+const LINGER_SOCKETS_MAX: usize = 1024;
 /// How long a session exported to another node is kept here at most, queuing what peers still
 /// route here, if that node never says it routes the session itself (`TakeoverEnd`).
 const MOVE_GRACE_MS: u64 = 5_000;
@@ -103,6 +121,16 @@ struct SessionEntry {
     /// Moved here from another node: ids of the messages it got since, so that one arriving
     /// both directly and in the old node's tail is delivered once.
     seen: Option<Box<SeenIds>>,
+    /// Source address key (see `origin_key`) this persistent session is counted under for
+    /// `mqtt.max_sessions_per_ip`; 0 = not counted. 32 bits fit the entry's padding.
+    origin: u32,
+}
+
+/// A socket closed with a reason, half-closed and drained until EOF or its deadline.
+struct Lingering {
+    fd: OwnedFd,
+    until_ms: u64,
+    drained: usize,
 }
 
 /// Message ids a moved session has been given, until `until_ms`.
@@ -161,6 +189,9 @@ enum Close {
     Error(ReasonCode),
     /// Another connection took the client id: no will, session kept.
     TakenOver,
+    /// The client let responses pile up past `mqtt.max_conn_output_bytes` without reading:
+    /// closed without a DISCONNECT (it would not read it), will published.
+    OutputOverflow,
     /// Node shutting down.
     Shutdown,
 }
@@ -212,6 +243,13 @@ pub struct Shard {
     /// Connections whose reading was paused, to resume when the links drain.
     parked: Vec<(u32, u32)>,
     scratch: BytesMut,
+    /// Accepts failed for lack of descriptors since the last log line, and when that was.
+    accept_failures: u64,
+    accept_logged_ms: Option<u64>,
+    /// Sockets closed with a reason, drained before they are closed (oldest first).
+    lingering: std::collections::VecDeque<Lingering>,
+    /// Persistent sessions on this shard per source address key (`origin_key`).
+    sessions_by_origin: AHashMap<u32, u32>,
     doorbell_counter: Box<u64>,
     epoch: Instant,
     now_ms: u64,
@@ -265,6 +303,10 @@ impl Shard {
             paused: false,
             parked: Vec::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
+            accept_failures: 0,
+            accept_logged_ms: None,
+            lingering: std::collections::VecDeque::new(),
+            sessions_by_origin: AHashMap::default(),
             doorbell_counter: Box::new(0),
             epoch,
             now_ms: 0,
@@ -354,6 +396,30 @@ impl Shard {
     }
 
     fn on_accept(&mut self, c: Completion) {
+        if c.result < 0 && is_resource_shortage(-c.result) {
+            // Out of descriptors (or memory): the connection stays in the backlog. Accepting
+            // again at once fails again at once, so wait, count, and log once per interval.
+            Metrics::add(&self.shared.metrics.accept_errors_no_fd, 1);
+            self.accept_failures += 1;
+            let now = self.now_ms;
+            if self
+                .accept_logged_ms
+                .is_none_or(|t| now >= t + ACCEPT_LOG_INTERVAL_MS)
+            {
+                log::warn!(
+                    "shard {}: accept failed {} time(s): {}; retrying every {ACCEPT_BACKOFF_MS} ms",
+                    self.id,
+                    self.accept_failures,
+                    std::io::Error::from_raw_os_error(-c.result)
+                );
+                self.accept_failures = 0;
+                self.accept_logged_ms = Some(now);
+            }
+            if !c.more() {
+                self.timers.schedule(now + ACCEPT_BACKOFF_MS, TIMER_ACCEPT);
+            }
+            return;
+        }
         if !c.more() {
             self.ring.accept_multi(self.listener.as_raw_fd());
         }
@@ -496,13 +562,17 @@ impl Shard {
         };
         let mut off = 0;
         let max = self.cfg().max_packet_size;
+        // Before CONNECT completes only a CONNECT may come, which needs a few KiB unless it
+        // carries a large will: a smaller limit keeps unauthenticated partial packets small.
+        let max_connecting = max.min(self.cfg().max_connect_packet_size);
         loop {
             let Some(conn) = self.conns.get_mut(slot, gen) else {
                 return;
             };
             let protocol = conn.protocol;
             let connecting = conn.state == ConnState::Connecting;
-            match decode(&buf[off..], protocol, max) {
+            let limit = if connecting { max_connecting } else { max };
+            match decode(&buf[off..], protocol, limit) {
                 Ok(Some((packet, used))) => {
                     off += used;
                     let flow = if connecting {
@@ -618,6 +688,11 @@ impl Shard {
                 ReasonCode::ServerUnavailable
             };
             return reject(self, reason);
+        }
+        if connect.properties.authentication_method.is_some() {
+            // MQTT-3.1.2 (4.12): no enhanced authentication method is supported; EMQX answers
+            // the same way rather than ignoring the method.
+            return reject(self, ReasonCode::BadAuthenticationMethod);
         }
         let mut assigned = false;
         if connect.client_id.is_empty() {
@@ -1009,8 +1084,46 @@ impl Shard {
         let v5 = protocol == Protocol::V5;
         let ephemeral = expiry_s == 0;
 
-        // Takeover (MQTT-3.1.4-3): the old connection of this client id is closed.
+        // Persistent sessions outlive their connection: bound how many one source address
+        // creates (the node has no authentication to tell clients apart otherwise).
         let existing = self.by_client.get(&client_id).copied();
+        let mut origin = 0;
+        if !ephemeral && self.cfg().max_sessions_per_ip > 0 {
+            origin = self
+                .conns
+                .get_mut(slot, gen)
+                .map_or(0, |c| origin_key(c.raw_fd()));
+            let creates = match existing {
+                None => true,
+                Some(sidx) => clean_start || self.session(sidx).session.ephemeral,
+            };
+            let cap = self.cfg().max_sessions_per_ip.div_ceil(self.mesh.shards());
+            let held = self.sessions_by_origin.get(&origin).copied().unwrap_or(0);
+            if creates && origin != 0 && held as usize >= cap {
+                log::info!(
+                    "shard {}: refusing session {client_id:?}: {held} persistent sessions from its address",
+                    self.id
+                );
+                let reason = if v5 {
+                    ReasonCode::QuotaExceeded
+                } else {
+                    ReasonCode::ServerUnavailable
+                };
+                self.send_packet(
+                    slot,
+                    protocol,
+                    &Packet::ConnAck(ConnAck {
+                        reason,
+                        ..Default::default()
+                    }),
+                );
+                Metrics::add(&self.shared.metrics.refused, 1);
+                self.close(slot, Close::Error(reason));
+                return;
+            }
+        }
+
+        // Takeover (MQTT-3.1.4-3): the old connection of this client id is closed.
         if let Some(sidx) = existing {
             if let Some(old_slot) = self.session(sidx).conn {
                 if old_slot != slot {
@@ -1042,6 +1155,10 @@ impl Shard {
             entry.connected_at_ms = unix_ms();
             // Resumed here (no peer was up to take it): it is not moving any more.
             entry.moving_to = None;
+        }
+        if !ephemeral && origin != 0 && self.session(sidx).origin == 0 {
+            self.session_mut(sidx).origin = origin;
+            *self.sessions_by_origin.entry(origin).or_insert(0) += 1;
         }
         let keep_alive = if v5 && server_keepalive > 0 {
             server_keepalive
@@ -1121,6 +1238,7 @@ impl Shard {
             moving_to: None,
             move_ended: false,
             seen: None,
+            origin: 0,
         };
         let idx = match self.free_sessions.pop() {
             Some(i) => {
@@ -1161,6 +1279,14 @@ impl Shard {
             entry = self.sessions[idx as usize].take().expect("just put back");
         }
         debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
+        if entry.origin != 0 {
+            if let Some(n) = self.sessions_by_origin.get_mut(&entry.origin) {
+                *n -= 1;
+                if *n == 0 {
+                    self.sessions_by_origin.remove(&entry.origin);
+                }
+            }
+        }
         let subs = entry.session.subscriptions.len() as i64;
         self.shared
             .metrics
@@ -1301,7 +1427,7 @@ impl Shard {
             };
             let aliases = conn.aliases.get_or_insert_with(Default::default);
             if p.topic.is_empty() {
-                match aliases.inbound.get(&alias) {
+                match aliases.inbound.get(alias) {
                     Some(t) => p.topic = t.to_string(),
                     None => {
                         // MQTT-3.3.4: an alias must be defined before it is used alone.
@@ -1309,8 +1435,16 @@ impl Shard {
                         return Flow::Stop;
                     }
                 }
-            } else {
-                aliases.inbound.insert(alias, p.topic.as_str().into());
+            } else if aliases
+                .inbound
+                .define(alias, &p.topic, self.shared.cfg.max_topic_alias_bytes)
+                .is_err()
+            {
+                // Aliases in range but too many topic bytes pinned: our limit, not a
+                // protocol error, hence Quota exceeded rather than Topic Alias invalid.
+                log::info!("shard {}: topic aliases over their byte budget", self.id);
+                self.protocol_error(slot, ReasonCode::QuotaExceeded);
+                return Flow::Stop;
             }
         }
         if let Err(e) = topic::validate_name(&p.topic, self.cfg().max_topic_levels) {
@@ -1324,13 +1458,24 @@ impl Shard {
             return Flow::Stop;
         }
         let (qos, packet_id) = (p.qos, p.packet_id);
-        if qos == QoS::ExactlyOnce
-            && self.session(sidx).session.incoming_qos2_len() >= self.cfg().max_inflight as usize
-            && protocol == Protocol::V5
-        {
-            // MQTT-3.3.4-9: more unacknowledged QoS 2 than our Receive Maximum.
-            self.protocol_error(slot, ReasonCode::ReceiveMaximumExceeded);
-            return Flow::Stop;
+        if qos == QoS::ExactlyOnce && !self.session(sidx).session.awaits_pubrel(packet_id) {
+            let awaiting = self.session(sidx).session.incoming_qos2_len();
+            if protocol == Protocol::V5 && awaiting >= self.cfg().max_inflight as usize {
+                // MQTT-3.3.4-9: more unacknowledged QoS 2 than our Receive Maximum.
+                self.protocol_error(slot, ReasonCode::ReceiveMaximumExceeded);
+                return Flow::Stop;
+            }
+            let max_rel = self.cfg().max_awaiting_rel;
+            if protocol != Protocol::V5 && max_rel > 0 && awaiting >= max_rel {
+                // 3.x has no Receive Maximum: past mqtt.max_awaiting_rel ids awaiting
+                // PUBREL the connection is closed (EMQX max_awaiting_rel).
+                log::info!(
+                    "shard {}: {awaiting} QoS 2 messages await PUBREL; closing",
+                    self.id
+                );
+                self.protocol_error(slot, ReasonCode::QuotaExceeded);
+                return Flow::Stop;
+            }
         }
         let route = match qos {
             QoS::AtMostOnce | QoS::AtLeastOnce => true,
@@ -2135,7 +2280,8 @@ impl Shard {
             payload_len,
             &mut self.scratch,
         );
-        if (header_len + payload_len) as u64 > max_out as u64 {
+        // An alias definition adds 3 bytes to the header: keep room for it.
+        if (header_len + payload_len + 3) as u64 > max_out as u64 {
             // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
             self.scratch.clear();
             self.drop_delivery(slot, packet_id, DropReason::TooLarge);
@@ -2143,23 +2289,23 @@ impl Shard {
         }
         if alias_max > 0 {
             // Topic aliases towards the client (MQTT-3.3.2.3.4): the first message on a topic
-            // carries topic + alias, later ones only the alias.
+            // carries topic + alias, later ones only the alias; see `alias` for the bounds.
+            let budget = self.shared.cfg.max_topic_alias_bytes;
             let Some(conn) = self.conns.get_slot(slot) else {
                 return;
             };
             let aliases = conn.aliases.get_or_insert_with(Default::default);
-            let known = aliases.outbound.get(&d.msg.topic).copied();
-            let alias = known.or_else(|| {
-                let next = aliases.outbound.len() as u16 + 1;
-                (next <= alias_max).then(|| {
-                    aliases.outbound.insert(d.msg.topic.clone(), next);
-                    next
-                })
-            });
+            let table = aliases
+                .outbound
+                .get_or_insert_with(|| OutboundAliases::new(alias_max, budget));
+            let (alias, topic) = match table.resolve(&d.msg.topic) {
+                AliasUse::Known(a) => (Some(a), ""),
+                AliasUse::Assign(a) => (Some(a), topic),
+                AliasUse::None => (None, topic),
+            };
             if let Some(alias) = alias {
                 let mut p = properties.unwrap_or_default();
                 p.topic_alias = Some(alias);
-                let topic = if known.is_some() { "" } else { topic };
                 self.scratch.clear();
                 encode_publish_header_parts(
                     topic,
@@ -2361,6 +2507,14 @@ impl Shard {
     // ---------------------------------------------------------------- timers
 
     fn on_timer(&mut self, token: u64) {
+        if token == TIMER_ACCEPT {
+            self.ring.accept_multi(self.listener.as_raw_fd());
+            return;
+        }
+        if token == TIMER_LINGER {
+            self.drain_lingering();
+            return;
+        }
         if token & TIMER_WILL != 0 && token & TIMER_SESSION == 0 {
             let sidx = (token & !TIMER_WILL) as u32;
             let now = self.now_ms;
@@ -2559,7 +2713,7 @@ impl Shard {
         encode(packet, protocol, &mut self.scratch);
         let bytes: Bytes = self.scratch.split().freeze();
         if let Some(conn) = self.conns.get_slot(slot) {
-            conn.push(bytes);
+            conn.push_ctrl(bytes);
             self.mark_dirty(slot);
         }
     }
@@ -2581,6 +2735,18 @@ impl Shard {
                 continue;
             };
             conn.dirty = false;
+            if conn.ctrl_bytes > self.shared.cfg.max_conn_output_bytes {
+                // A client that keeps provoking responses and never reads them (EMQX's
+                // force_shutdown): cut it rather than hold its output without bound.
+                log::info!(
+                    "shard {}: closing a client that does not read: {} B of responses queued",
+                    self.id,
+                    conn.ctrl_bytes
+                );
+                Metrics::add(&self.shared.metrics.disconnects_output_overflow, 1);
+                self.close(slot, Close::OutputOverflow);
+                continue;
+            }
             if conn.write_blocked {
                 continue;
             }
@@ -2628,7 +2794,7 @@ impl Shard {
                 Close::Error(r) => Some(r),
                 Close::TakenOver => Some(ReasonCode::SessionTakenOver),
                 Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
-                Close::Graceful | Close::Abnormal => None,
+                Close::Graceful | Close::Abnormal | Close::OutputOverflow => None,
             };
             if let Some(reason) = reason {
                 // MQTT-3.14.2.2.3: a reason string only when the client did not opt out.
@@ -2648,10 +2814,22 @@ impl Shard {
         };
         // Best effort: the last packets (CONNACK refusal, DISCONNECT) before the FIN.
         let _ = conn.flush();
-        // SAFETY: shutdown on a descriptor we own; it ends any pending receive on the ring,
-        // whose completion is then ignored by generation.
-        unsafe {
-            libc::shutdown(conn.raw_fd(), libc::SHUT_RDWR);
+        let will = match why {
+            Close::Abnormal | Close::Error(_) | Close::OutputOverflow => conn.will.take(),
+            Close::Graceful => conn.will.take(), // only kept for v5 reason 0x04
+            Close::TakenOver | Close::Shutdown => None,
+        };
+        let sidx = conn.session;
+        let Conn { fd, .. } = conn;
+        if matches!(why, Close::Error(_)) {
+            // A reason was sent: let the client read it (see LINGER_MS).
+            self.linger(fd);
+        } else {
+            // SAFETY: shutdown on a descriptor we own; it ends any pending receive on the
+            // ring, whose completion is then ignored by generation.
+            unsafe {
+                libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+            }
         }
         self.shared
             .metrics
@@ -2661,13 +2839,6 @@ impl Shard {
         if !active {
             return;
         }
-        let will = match why {
-            Close::Abnormal | Close::Error(_) => conn.will.take(),
-            Close::Graceful => conn.will.take(), // only kept for v5 reason 0x04
-            Close::TakenOver | Close::Shutdown => None,
-        };
-        let sidx = conn.session;
-        drop(conn);
         let now = self.now_ms;
         let entry = self.session_mut(sidx);
         if entry.conn != Some(slot) {
@@ -2695,6 +2866,74 @@ impl Shard {
             let at = now + entry.expires_at_ms;
             entry.expires_at_ms = at;
             self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+        }
+    }
+
+    /// Half-closes a socket that was just told why it is closed and keeps it, drained, until
+    /// the client closes too or `LINGER_MS` pass: closing with its input unread would make
+    /// the kernel reset the connection, and the client would never read the reason.
+    fn linger(&mut self, fd: OwnedFd) {
+        // SAFETY: shutdown on a descriptor we own; sends FIN after the queued reason.
+        unsafe {
+            libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR);
+        }
+        if self.lingering.len() >= LINGER_SOCKETS_MAX {
+            if let Some(old) = self.lingering.pop_front() {
+                close_now(old.fd);
+            }
+        }
+        if self.lingering.is_empty() {
+            self.timers.schedule(self.now_ms + TICK_MS, TIMER_LINGER);
+        }
+        self.lingering.push_back(Lingering {
+            fd,
+            until_ms: self.now_ms + LINGER_MS,
+            drained: 0,
+        });
+    }
+
+    /// Reads and discards what lingering sockets received; closes those at EOF, in error,
+    /// past their deadline or past `LINGER_DRAIN_BYTES_MAX`.
+    fn drain_lingering(&mut self) {
+        let now = self.now_ms;
+        let mut buf = [0u8; 4096];
+        let mut kept = std::collections::VecDeque::with_capacity(self.lingering.len());
+        for mut l in self.lingering.drain(..) {
+            let open = loop {
+                // SAFETY: reads into a stack buffer of the length given, from an owned fd.
+                let n = unsafe {
+                    libc::recv(
+                        l.fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n > 0 {
+                    l.drained += n as usize;
+                    if l.drained > LINGER_DRAIN_BYTES_MAX {
+                        break false;
+                    }
+                    continue;
+                }
+                if n < 0 {
+                    match std::io::Error::last_os_error().kind() {
+                        std::io::ErrorKind::Interrupted => continue,
+                        std::io::ErrorKind::WouldBlock => break now < l.until_ms,
+                        _ => break false,
+                    }
+                }
+                break false; // EOF: the client read the reason and closed.
+            };
+            if open {
+                kept.push_back(l);
+            } else {
+                close_now(l.fd);
+            }
+        }
+        self.lingering = kept;
+        if !self.lingering.is_empty() {
+            self.timers.schedule(now + TICK_MS, TIMER_LINGER);
         }
     }
 
@@ -2987,6 +3226,46 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Errors of accept that mean the process or system is out of descriptors or memory.
+fn is_resource_shortage(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
+
+/// Closes a socket now; the shutdown first ends any receive the ring still has on it (the
+/// ring holds the file until that completes).
+fn close_now(fd: OwnedFd) {
+    // SAFETY: shutdown on a descriptor we own.
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+/// The key a client's source address is counted under for `mqtt.max_sessions_per_ip`: an
+/// IPv4 address (also when IPv4-mapped), or an IPv6 /64 (one subscriber's usual allocation)
+/// folded to 32 bits (two prefixes may share a quota); 0 when the address cannot be read.
+fn origin_key(fd: std::os::fd::RawFd) -> u32 {
+    // SAFETY: the TcpStream borrows a descriptor the connection owns and is never dropped
+    // (ManuallyDrop), so it does not close it; only getpeername is called on it.
+    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    let Ok(addr) = stream.peer_addr() else {
+        return 0;
+    };
+    let key = match addr.ip() {
+        std::net::IpAddr::V4(ip) => u32::from(ip),
+        std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(ip) => u32::from(ip),
+            None => {
+                let prefix = (u128::from(ip) >> 64) as u64;
+                (prefix ^ (prefix >> 32)) as u32
+            }
+        },
+    };
+    key.max(1)
 }
 
 fn conn_token(slot: u32, gen: u32) -> u64 {

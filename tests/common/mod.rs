@@ -37,6 +37,14 @@ impl Broker {
 
     /// Like [`Broker::start`] but returns the log if the broker exits or never listens.
     pub fn try_start(overrides: &[(&str, &str)]) -> Result<Broker, String> {
+        Self::try_start_with(overrides, |_| {})
+    }
+
+    /// Like [`Broker::try_start`], with a last say on the command (limits, for instance).
+    pub fn try_start_with(
+        overrides: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Broker, String> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("shardmq-it-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -54,6 +62,7 @@ impl Broker {
         for (k, v) in overrides {
             cmd.env(format!("SHARDMQ_{k}"), v);
         }
+        configure(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
