@@ -425,13 +425,27 @@ impl<'a> Cursor<'a> {
 fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
     let mut c = Cursor { buf: body, pos: 0 };
     let f = match kind {
-        1 => Frame::Hello {
-            version: c.u32()?,
-            node: c.string()?,
-            cluster_addr: c.string()?,
-            nonce: c.array()?,
-            started_ms: c.u64()?,
-        },
+        1 => {
+            let (version, node, cluster_addr) = (c.u32()?, c.string()?, c.string()?);
+            if version != CLUSTER_PROTOCOL_VERSION {
+                // Every version starts with these three fields: a node of another version is
+                // named in the refusal rather than dropped as garbage. The rest is its own.
+                return Ok(Frame::Hello {
+                    version,
+                    node,
+                    cluster_addr,
+                    nonce: [0; NONCE_BYTES],
+                    started_ms: 0,
+                });
+            }
+            Frame::Hello {
+                version,
+                node,
+                cluster_addr,
+                nonce: c.array()?,
+                started_ms: c.u64()?,
+            }
+        }
         2 => Frame::Auth { proof: c.array()? },
         3 => Frame::Heartbeat {
             uptime_s: c.u64()?,
@@ -742,7 +756,7 @@ mod tests {
     fn every_frame_round_trips_through_a_split_stream() {
         let frames = vec![
             Frame::Hello {
-                version: 1,
+                version: CLUSTER_PROTOCOL_VERSION,
                 node: "n1@h".into(),
                 cluster_addr: "127.0.0.1:4370".into(),
                 nonce: [7; NONCE_BYTES],
@@ -865,6 +879,30 @@ mod tests {
         // Members frame claiming 2^32-1 entries in 4 bytes.
         r.extend(&[0, 0, 0, 5, 4, 0xFF, 0xFF, 0xFF, 0xFF]);
         assert!(r.next_frame().is_err());
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_read_for_its_version_and_name() {
+        // Version 2: an 8-byte nonce.
+        let mut body = vec![0, 0, 0, 2, 0, 0, 0, 5];
+        body.extend(b"o@h:1");
+        body.extend([0, 0, 0, 1, b'x']);
+        body.extend([0; 16]);
+        let mut bytes = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        bytes.push(1);
+        bytes.extend(body);
+        let mut r = FrameReader::default();
+        r.extend(&bytes);
+        assert_eq!(
+            r.next_frame().unwrap(),
+            Some(Frame::Hello {
+                version: 2,
+                node: "o@h:1".into(),
+                cluster_addr: "x".into(),
+                nonce: [0; NONCE_BYTES],
+                started_ms: 0
+            })
+        );
     }
 
     #[test]

@@ -344,6 +344,11 @@ fn shown(name: &str) -> String {
     }
 }
 
+/// True when a listener on `bind` with `cookie` lets anyone beyond this host join.
+pub fn exposed_with_shipped_cookie(bind: SocketAddr, cookie: &str) -> bool {
+    !bind.ip().is_loopback() && cookie == SHIPPED_COOKIE
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -378,7 +383,7 @@ impl Cluster {
         let node = shared.cfg.node_name.clone();
         let listener = match cfg.bind {
             Some(addr) => {
-                if !addr.ip().is_loopback() && cfg.cookie == SHIPPED_COOKIE {
+                if exposed_with_shipped_cookie(addr, &cfg.cookie) {
                     log::warn!(
                         "cluster: listening on {addr} with the shipped default cookie: anyone \
                          who can reach this port can join the cluster; set cluster.cookie \
@@ -1976,6 +1981,17 @@ mod tests {
         assert!(!valid_cluster_addr("127.0.0.1"));
         assert!(!valid_cluster_addr("127.0.0.1:0"));
         assert!(!valid_cluster_addr("x\":1"));
+    }
+
+    #[test]
+    fn the_shipped_cookie_is_flagged_beyond_loopback_only() {
+        let any: SocketAddr = "0.0.0.0:4370".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:4370".parse().unwrap();
+        assert!(exposed_with_shipped_cookie(any, SHIPPED_COOKIE));
+        assert!(!exposed_with_shipped_cookie(lo, SHIPPED_COOKIE));
+        assert!(!exposed_with_shipped_cookie(any, "a-secret"));
+        // The shipped configuration carries that cookie.
+        assert_eq!(ClusterConfig::default().cookie, SHIPPED_COOKIE);
     }
 
     #[test]
