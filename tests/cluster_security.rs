@@ -420,3 +420,33 @@ fn an_oversized_member_list_is_refused_and_not_saved() {
     assert!(!saved.contains("m0@"), "{saved}");
     assert_link_alive(&mut peer);
 }
+
+#[test]
+fn links_beyond_the_handshake_cap_are_closed_at_accept() {
+    let n = node();
+    let mut open = Vec::new();
+    let refused_at = loop {
+        let mut l = Link::open(n.cluster_port);
+        match l.recv(WAIT) {
+            Got::Frame(Frame::Hello { .. }) => open.push(l),
+            Got::Closed => break open.len(),
+            other => panic!("link {}: {other:?}", open.len()),
+        }
+        assert!(open.len() <= 300, "no cap on links in their handshake");
+    };
+    assert!(refused_at >= 200, "refused after {refused_at} links");
+    let log = n.broker.log_with("already in their handshake", WAIT);
+    assert!(log.contains("already in their handshake"), "{log}");
+    // The slots free up with the links; a real peer gets in again.
+    drop(open);
+    let deadline = Instant::now() + WAIT;
+    while !matches!(
+        Link::open(n.cluster_port).recv(WAIT),
+        Got::Frame(Frame::Hello { .. })
+    ) {
+        assert!(Instant::now() < deadline, "the slots were not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut peer = authenticated_peer(&n, "t1@127.0.0.1");
+    assert_link_alive(&mut peer);
+}
