@@ -2,8 +2,8 @@
 //! reader starts at the handshake limit and is raised after an `Auth`, as the cluster thread
 //! does; a proof the fuzzer made up never verifies; and every frame an authenticated peer
 //! could send goes through the checks the cluster thread applies (filters, topics, names,
-//! member lists, message properties), which must refuse or accept, never panic, and never
-//! accept a name that would need escaping in JSON.
+//! member lists, message properties, listing rows), which must refuse or accept, never
+//! panic, and never accept a name that would need escaping in JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,8 +12,8 @@ use shardmq_net::cluster::{
     HANDSHAKE_FRAME_MAX_BYTES,
 };
 use shardmq_shards::cluster::{
-    from_wire, json_str, node_addr, valid_cluster_addr, valid_node_name, valid_peer_filter,
-    valid_peer_topic,
+    flat_json_object, from_wire, json_str, node_addr, valid_cluster_addr, valid_node_name,
+    valid_peer_filter, valid_peer_topic,
 };
 
 fn check_name(name: &str) {
@@ -96,6 +96,14 @@ fuzz_target!(|data: &[u8]| {
                 Frame::SessionTail { messages, .. } => {
                     for m in messages {
                         from_wire(m);
+                    }
+                }
+                Frame::QueryReply { rows, .. } => {
+                    for r in &rows {
+                        if flat_json_object(r) {
+                            assert!(r.starts_with('{') && r.ends_with('}'));
+                        }
+                        shardmq_shards::metrics::parse_json(r);
                     }
                 }
                 _ => {}
