@@ -388,7 +388,8 @@ fn a_peer_route_of_300000_levels_is_refused_and_the_node_keeps_serving() {
         seq: 2,
         filters: vec![deep, "ok/+".into(), "bad/#/x".into()],
     });
-    let log = n.broker.log_with("invalid route filter", WAIT);
+    // The snapshot comes second; its line is the last to appear.
+    let log = n.broker.log_with("refused 2 invalid route filter", WAIT);
     assert!(log.contains("refused 1 invalid route filter"), "{log}");
     assert!(log.contains("refused 2 invalid route filter"), "{log}");
     assert!(n
