@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the MQTT decoder and the cluster frame reader with cargo-fuzz (libFuzzer).
+# Fuzzes the MQTT decoder, the cluster frame reader, and a cluster peer's handshake and frames
+# (cluster_peer) with cargo-fuzz (libFuzzer).
 #   scripts/fuzz.sh [SECONDS]   total budget, split between the targets (default 60)
 # Installs cargo-fuzz when missing. Only the stable toolchain is needed: cargo-fuzz's nightly
 # flags are enabled with RUSTC_BOOTSTRAP=1. Exits non-zero when a target crashes; the crashing
@@ -15,7 +16,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 cd "$ROOT/net"
-targets=(decode cluster_frame)
+targets=(decode cluster_frame cluster_peer)
 per_target=$(( SECONDS_TOTAL / ${#targets[@]} ))
 (( per_target > 0 )) || per_target=1
 log="$(mktemp)"

@@ -259,10 +259,13 @@ fn boolean(t: &Table, key: &str) -> bool {
 
 fn settings(t: &Table) -> Result<Settings, ConfigError> {
     let name = string(t, "node.name");
-    if !name.contains('@') || name.starts_with('@') || name.ends_with('@') {
+    if !shardmq_shards::cluster::valid_node_name(name) {
         return Err(bad(
             "node.name",
-            format!("{name:?} is not of the form name@host"),
+            format!(
+                "{name:?} is not of the form name@host (letters, digits and -_. in the name, \
+                 a host name or address after @)"
+            ),
         ));
     }
     let mut shards = int(
@@ -365,6 +368,7 @@ fn settings(t: &Table) -> Result<Settings, ConfigError> {
         down_after_ms: int(t, "cluster.down_after_ms", 100, 600_000)? as u64,
         autoclean_ms: duration_ms(t, "cluster.autoclean")?,
         link_buffer_bytes: int(t, "cluster.link_buffer_bytes", 65_536, 1 << 34)? as usize,
+        allow_node_name_mismatch: boolean(t, "cluster.allow_node_name_mismatch"),
         data_dir: string(t, "node.data_dir").into(),
     };
     let broker = BrokerConfig {

@@ -4,16 +4,38 @@
 //! and byte strings are `u32` length-prefixed. The format is hand-written rather than rkyv:
 //! frames are few kinds of small headers around payloads that are written from their `Bytes`
 //! with `writev`, and a reader must treat every byte as hostile, which a validating hand-written
-//! reader does in a few lines. [`FrameReader`] refuses lengths over [`FRAME_MAX_BYTES`] before
-//! buffering them.
+//! reader does in a few lines. [`FrameReader`] refuses lengths over its maximum before
+//! buffering them: [`HANDSHAKE_FRAME_MAX_BYTES`] until the peer has proven the cookie,
+//! [`FRAME_MAX_BYTES`] after.
+//!
+//! The handshake is a mutual proof of the cookie (see [`handshake_proof`]): both ends send
+//! `Hello` with a fresh random nonce; the dialler then sends `Auth` with its proof; the
+//! acceptor checks it and only then sends its own. Each proof is an HMAC-SHA256 keyed by the
+//! cookie over a direction label, both nonces and both node names, so a proof made for one
+//! link or one direction never verifies on another (no reflection, no replay), and the
+//! acceptor computes nothing for a peer that has not proven itself first.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
-/// Largest frame accepted from a peer, in bytes.
+/// Largest frame accepted from an authenticated peer, in bytes.
 pub const FRAME_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Largest frame accepted before the peer has proven the cookie, in bytes: a `Hello` (two
+/// names, a nonce), a `DataLink` and an `Auth` fit many times over.
+pub const HANDSHAKE_FRAME_MAX_BYTES: usize = 4 * 1024;
 /// Version of this frame format, checked in the handshake: a node of another version is
 /// refused (and logged) rather than misread. 2: message ids, session move frames 16 and 17.
-pub const CLUSTER_PROTOCOL_VERSION: u32 = 2;
+/// 3: random 16-byte nonces and HMAC-SHA256 mutual authentication.
+pub const CLUSTER_PROTOCOL_VERSION: u32 = 3;
+/// Bytes of a handshake nonce (from the OS random source, fresh per link).
+pub const NONCE_BYTES: usize = 16;
+/// Bytes of a handshake proof (HMAC-SHA256).
+pub const PROOF_BYTES: usize = 32;
+/// A handshake nonce.
+pub type Nonce = [u8; NONCE_BYTES];
+/// A handshake proof.
+pub type Proof = [u8; PROOF_BYTES];
 
 /// A message forwarded to another node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,11 +71,11 @@ pub enum Frame {
         version: u32,
         node: String,
         cluster_addr: String,
-        nonce: u64,
+        nonce: Nonce,
         started_ms: u64,
     },
-    /// Proof of the cookie: digest of (cookie, the peer's nonce).
-    Auth { digest: u64 },
+    /// Proof of the cookie for this link and direction (see [`handshake_proof`]).
+    Auth { proof: Proof },
     /// Liveness and load, every heartbeat interval.
     Heartbeat {
         uptime_s: u64,
@@ -202,10 +224,10 @@ impl Frame {
                 out.put_u32(*version);
                 put_str(out, node);
                 put_str(out, cluster_addr);
-                out.put_u64(*nonce);
+                out.put_slice(nonce);
                 out.put_u64(*started_ms);
             }
-            Frame::Auth { digest } => out.put_u64(*digest),
+            Frame::Auth { proof } => out.put_slice(proof),
             Frame::Heartbeat {
                 uptime_s,
                 connections,
@@ -355,6 +377,9 @@ impl<'a> Cursor<'a> {
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
     fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
         let n = self.u32()? as usize;
         self.take(n)
@@ -400,14 +425,28 @@ impl<'a> Cursor<'a> {
 fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
     let mut c = Cursor { buf: body, pos: 0 };
     let f = match kind {
-        1 => Frame::Hello {
-            version: c.u32()?,
-            node: c.string()?,
-            cluster_addr: c.string()?,
-            nonce: c.u64()?,
-            started_ms: c.u64()?,
-        },
-        2 => Frame::Auth { digest: c.u64()? },
+        1 => {
+            let (version, node, cluster_addr) = (c.u32()?, c.string()?, c.string()?);
+            if version != CLUSTER_PROTOCOL_VERSION {
+                // Every version starts with these three fields: a node of another version is
+                // named in the refusal rather than dropped as garbage. The rest is its own.
+                return Ok(Frame::Hello {
+                    version,
+                    node,
+                    cluster_addr,
+                    nonce: [0; NONCE_BYTES],
+                    started_ms: 0,
+                });
+            }
+            Frame::Hello {
+                version,
+                node,
+                cluster_addr,
+                nonce: c.array()?,
+                started_ms: c.u64()?,
+            }
+        }
+        2 => Frame::Auth { proof: c.array()? },
         3 => Frame::Heartbeat {
             uptime_s: c.u64()?,
             connections: c.u64()?,
@@ -541,13 +580,41 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
 /// r.extend(&out[2..]);
 /// assert_eq!(r.next_frame().unwrap(), Some(Frame::Leave));
 /// ```
-#[derive(Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
     pos: usize,
+    /// Largest frame accepted, in bytes (length prefix excluded).
+    max_bytes: usize,
+}
+
+impl Default for FrameReader {
+    /// A reader for an authenticated peer (frames up to [`FRAME_MAX_BYTES`]).
+    fn default() -> Self {
+        FrameReader::with_max(FRAME_MAX_BYTES)
+    }
 }
 
 impl FrameReader {
+    /// A reader that refuses frames over `max_bytes`.
+    pub fn with_max(max_bytes: usize) -> Self {
+        FrameReader {
+            buf: Vec::new(),
+            pos: 0,
+            max_bytes,
+        }
+    }
+
+    /// Changes the largest frame accepted from now on (raised once the peer is authenticated).
+    pub fn set_max(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes;
+    }
+
+    /// Bytes received and not yet returned as frames. At most one partial frame (bounded by
+    /// the maximum) plus what the caller added since its last [`FrameReader::next_frame`].
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     /// Adds received bytes.
     pub fn extend(&mut self, data: &[u8]) {
         if self.pos > 0 && self.pos == self.buf.len() {
@@ -565,7 +632,7 @@ impl FrameReader {
             return Ok(None);
         }
         let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-        if len > FRAME_MAX_BYTES {
+        if len > self.max_bytes {
             return Err(FrameError::TooLarge(len));
         }
         if len == 0 {
@@ -602,16 +669,70 @@ impl FrameReader {
     }
 }
 
-/// Keyed digest proving knowledge of the cookie without sending it (FNV-1a over cookie and
-/// nonce, mixed; enough to keep misconfigured nodes apart, not a defence against an attacker
-/// on the cluster network, which must be private).
-pub fn cookie_digest(cookie: &str, nonce: u64) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325 ^ nonce.rotate_left(17);
-    for b in cookie.bytes().chain(nonce.to_be_bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
+/// Which end of a link a handshake proof speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The node that opened the TCP connection; it proves first.
+    Dialer,
+    /// The node that accepted it; it proves only after checking the dialler's proof.
+    Acceptor,
+}
+
+/// The names and nonces of one link's handshake, as both ends see them.
+#[derive(Clone, Copy, Debug)]
+pub struct Transcript<'a> {
+    pub dialer: &'a str,
+    pub dialer_nonce: &'a Nonce,
+    pub acceptor: &'a str,
+    pub acceptor_nonce: &'a Nonce,
+}
+
+fn handshake_mac(cookie: &str, role: Role, t: &Transcript) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(cookie.as_bytes()).expect("any key length");
+    let label: &[u8] = match role {
+        Role::Dialer => b"dialer",
+        Role::Acceptor => b"acceptor",
+    };
+    // Every variable-length field is length-prefixed, so no two transcripts share an input.
+    mac.update(b"shardmq cluster handshake");
+    mac.update(&CLUSTER_PROTOCOL_VERSION.to_be_bytes());
+    for field in [
+        label,
+        t.dialer_nonce.as_slice(),
+        t.acceptor_nonce.as_slice(),
+        t.dialer.as_bytes(),
+        t.acceptor.as_bytes(),
+    ] {
+        mac.update(&(field.len() as u32).to_be_bytes());
+        mac.update(field);
     }
-    h ^ (h >> 29)
+    mac
+}
+
+/// Proof that the `role` end of the link `t` knows the cookie: HMAC-SHA256 keyed by the
+/// cookie over the protocol version, the direction label and the whole transcript. A proof
+/// made by the dialler never verifies as the acceptor's (and back), nor on a link with another
+/// nonce, so relaying a node's own proof back to it (reflection) or replaying a recorded
+/// handshake fails.
+pub fn handshake_proof(cookie: &str, role: Role, t: &Transcript) -> Proof {
+    handshake_mac(cookie, role, t)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a peer's proof in constant time.
+pub fn verify_proof(cookie: &str, role: Role, t: &Transcript, proof: &Proof) -> bool {
+    handshake_mac(cookie, role, t).verify_slice(proof).is_ok()
+}
+
+/// A fresh nonce from the operating system's random source (never a generator whose state
+/// could be learned from earlier nonces).
+pub fn fresh_nonce() -> Result<Nonce, getrandom::Error> {
+    let mut n = [0u8; NONCE_BYTES];
+    getrandom::getrandom(&mut n)?;
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -635,13 +756,15 @@ mod tests {
     fn every_frame_round_trips_through_a_split_stream() {
         let frames = vec![
             Frame::Hello {
-                version: 1,
+                version: CLUSTER_PROTOCOL_VERSION,
                 node: "n1@h".into(),
                 cluster_addr: "127.0.0.1:4370".into(),
-                nonce: 7,
+                nonce: [7; NONCE_BYTES],
                 started_ms: 9,
             },
-            Frame::Auth { digest: 3 },
+            Frame::Auth {
+                proof: [3; PROOF_BYTES],
+            },
             Frame::Heartbeat {
                 uptime_s: 1,
                 connections: 2,
@@ -720,11 +843,19 @@ mod tests {
     #[test]
     fn buffered_bytes_move_with_the_socket() {
         let mut out = BytesMut::new();
-        Frame::Auth { digest: 1 }.encode(&mut out);
+        Frame::Auth {
+            proof: [1; PROOF_BYTES],
+        }
+        .encode(&mut out);
         Frame::DataLink { shard: 2 }.encode(&mut out);
         let mut r = FrameReader::default();
         r.extend(&out[..out.len() - 1]);
-        assert_eq!(r.next_frame().unwrap(), Some(Frame::Auth { digest: 1 }));
+        assert_eq!(
+            r.next_frame().unwrap(),
+            Some(Frame::Auth {
+                proof: [1; PROOF_BYTES]
+            })
+        );
         let rest = r.take_buffered();
         assert!(r.is_empty());
         let mut moved = FrameReader::default();
@@ -751,9 +882,75 @@ mod tests {
     }
 
     #[test]
-    fn cookie_digest_depends_on_cookie_and_nonce() {
-        assert_eq!(cookie_digest("c", 1), cookie_digest("c", 1));
-        assert_ne!(cookie_digest("c", 1), cookie_digest("d", 1));
-        assert_ne!(cookie_digest("c", 1), cookie_digest("c", 2));
+    fn a_hello_of_another_version_is_read_for_its_version_and_name() {
+        // Version 2: an 8-byte nonce.
+        let mut body = vec![0, 0, 0, 2, 0, 0, 0, 5];
+        body.extend(b"o@h:1");
+        body.extend([0, 0, 0, 1, b'x']);
+        body.extend([0; 16]);
+        let mut bytes = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        bytes.push(1);
+        bytes.extend(body);
+        let mut r = FrameReader::default();
+        r.extend(&bytes);
+        assert_eq!(
+            r.next_frame().unwrap(),
+            Some(Frame::Hello {
+                version: 2,
+                node: "o@h:1".into(),
+                cluster_addr: "x".into(),
+                nonce: [0; NONCE_BYTES],
+                started_ms: 0
+            })
+        );
+    }
+
+    #[test]
+    fn a_frame_over_the_handshake_limit_is_refused_before_it_is_buffered() {
+        let mut r = FrameReader::with_max(HANDSHAKE_FRAME_MAX_BYTES);
+        let len = (HANDSHAKE_FRAME_MAX_BYTES + 1) as u32;
+        r.extend(&len.to_be_bytes());
+        assert_eq!(
+            r.next_frame(),
+            Err(FrameError::TooLarge(HANDSHAKE_FRAME_MAX_BYTES + 1))
+        );
+        r.set_max(FRAME_MAX_BYTES);
+        assert_eq!(r.next_frame(), Ok(None));
+    }
+
+    fn transcript<'a>(d: &'a Nonce, a: &'a Nonce) -> Transcript<'a> {
+        Transcript {
+            dialer: "n1@127.0.0.1",
+            dialer_nonce: d,
+            acceptor: "n2@127.0.0.1",
+            acceptor_nonce: a,
+        }
+    }
+
+    #[test]
+    fn a_proof_verifies_only_for_its_cookie_direction_and_nonces() {
+        let (d, a) = (fresh_nonce().unwrap(), fresh_nonce().unwrap());
+        assert_ne!(d, a);
+        let t = transcript(&d, &a);
+        let p = handshake_proof("c", Role::Dialer, &t);
+        assert!(verify_proof("c", Role::Dialer, &t, &p));
+        assert!(!verify_proof("x", Role::Dialer, &t, &p));
+        // Reflected to the other direction.
+        assert!(!verify_proof("c", Role::Acceptor, &t, &p));
+        // The same nonces swapped, as on a second link the attacker relays to.
+        assert!(!verify_proof("c", Role::Dialer, &transcript(&a, &d), &p));
+        // Replayed on a link with a fresh acceptor nonce.
+        let fresh = fresh_nonce().unwrap();
+        assert!(!verify_proof(
+            "c",
+            Role::Dialer,
+            &transcript(&d, &fresh),
+            &p
+        ));
+        let other_names = Transcript {
+            dialer: "n3@127.0.0.1",
+            ..t
+        };
+        assert!(!verify_proof("c", Role::Dialer, &other_names, &p));
     }
 }

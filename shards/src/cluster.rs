@@ -13,6 +13,12 @@
 //! node gains or loses its last subscriber for it, this thread numbers the change and sends it
 //! to every peer, and a (re)connected peer gets a full snapshot. A peer that goes down simply
 //! has its routes dropped by every shard (`NodeDown`); nothing needs merging when it returns.
+//!
+//! Everything a peer sends is hostile input, before and after the handshake: a link that has
+//! not proven the cookie may send small frames only, must finish within
+//! [`HANDSHAKE_TIMEOUT`], and only [`HANDSHAKES_MAX`] such links are accepted at once; an
+//! authenticated peer's filters, topics, names, member lists and session transfers are checked
+//! as a client's would be before they reach a shard, the disk or a dial.
 
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
@@ -20,13 +26,15 @@ use crate::metrics::Metrics;
 use crate::shard::home_shard;
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{
-    cookie_digest, Frame, FrameReader, WireMessage, WireSubscription, CLUSTER_PROTOCOL_VERSION,
+    fresh_nonce, handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript,
+    WireMessage, WireSubscription, CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES,
+    HANDSHAKE_FRAME_MAX_BYTES,
 };
 use shardmq_net::codec::{decode_message_properties, encode_message_properties};
 use shardmq_net::QoS;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -37,8 +45,29 @@ use std::time::{Duration, Instant};
 pub const PEERS_MAX: usize = 64;
 /// Default cluster port, used when a node is named without one.
 pub const DEFAULT_PORT: u16 = 4370;
-/// Time a new link has to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a new link has to complete the handshake (a dialled one: to connect, too).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most accepted links in their handshake at once; more are closed at accept (and counted in
+/// one log line per [`REFUSED_LOG_INTERVAL`]). A node's peers open one link per shard each
+/// when they come up, so this is far above what a cluster needs at a time.
+pub const HANDSHAKES_MAX: usize = 256;
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Bytes queued to one link before the peer is deemed not to read: the link is closed (the
+/// peer goes down and is re-synced when it is back) rather than queueing without bound.
+pub const LINK_OUT_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// Bytes read from one link per round, so one busy peer cannot hold the thread.
+const READ_BUDGET_BYTES: usize = 1024 * 1024;
+/// Longest string a peer may send where a client's would be an MQTT string (MQTT-1.5.4):
+/// filters, topics, client ids. Also the hard cap on a filter's depth when
+/// `mqtt.max_topic_levels` is 0 (at most 32,768 levels).
+pub const MQTT_STRING_MAX_BYTES: usize = 65_535;
+/// Longest node name or cluster address accepted from a peer.
+pub const NODE_NAME_MAX_BYTES: usize = 255;
+/// How far a peer's takeover time may lie in the past (ms); it is never taken from the future.
+const TAKEOVER_SKEW_MAX_MS: u64 = 10_000;
+/// The cookie in the shipped configuration: a node listening beyond loopback with it is
+/// joinable by anyone who read the docs, and says so at start-up.
+pub const SHIPPED_COOKIE: &str = "shardmq-cluster-cookie";
 /// Time a node waits for the other nodes' sessions before answering a resuming CONNECT.
 const SESSION_WAIT: Duration = Duration::from_secs(3);
 
@@ -70,19 +99,23 @@ pub struct ClusterConfig {
     /// Bytes a shard queues on its link to one peer before it drops QoS 0 and pauses its
     /// clients (backpressure).
     pub link_buffer_bytes: usize,
+    /// Accept a peer whose node name's host is not the address its link comes from (NAT,
+    /// names that do not resolve here). Off: such a peer is refused after the handshake.
+    pub allow_node_name_mismatch: bool,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             bind: None,
-            cookie: "shardmq".into(),
+            cookie: SHIPPED_COOKIE.into(),
             discovery: Discovery::Manual,
             heartbeat_ms: 1000,
             down_after_ms: 5000,
             autoclean_ms: 24 * 3600 * 1000,
             data_dir: PathBuf::from("./data"),
             link_buffer_bytes: 16 * 1024 * 1024,
+            allow_node_name_mismatch: false,
         }
     }
 }
@@ -173,7 +206,14 @@ struct Link {
     reader: FrameReader,
     out: VecDeque<Bytes>,
     out_bytes: usize,
-    nonce: u64,
+    /// Our nonce on this link, fresh from the OS.
+    nonce: Nonce,
+    /// The peer's, from its `Hello`.
+    peer_nonce: Option<Nonce>,
+    /// We opened this link (we prove first; the peer proves as the acceptor).
+    dialed: bool,
+    /// The address the TCP connection is with, for the node-name check.
+    remote_ip: Option<IpAddr>,
     peer_name: Option<String>,
     peer_addr: String,
     authed: bool,
@@ -224,8 +264,176 @@ pub struct Cluster {
     started: Instant,
     started_ms: u64,
     last_heartbeat: Instant,
-    nonce_seed: u64,
+    /// Accepts refused because [`HANDSHAKES_MAX`] links were in their handshake, since the
+    /// last log line about it.
+    refused_accepts: u64,
+    refused_logged: Option<Instant>,
     scratch: BytesMut,
+}
+
+/// True for `name@host[:port]` made of characters that need no escaping anywhere (JSON,
+/// Prometheus labels, logs, the member file): letters, digits, `-_.` in the name, and
+/// `-.:[]` in the host.
+pub fn valid_node_name(node: &str) -> bool {
+    let Some((name, host)) = node.split_once('@') else {
+        return false;
+    };
+    node.len() <= NODE_NAME_MAX_BYTES
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && valid_host(host)
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= NODE_NAME_MAX_BYTES
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
+/// True for a cluster address `host:port` a peer may tell us to dial.
+pub fn valid_cluster_addr(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// True when the host of node name `node` is `ip` or resolves to it. Called only for a peer
+/// that has proven the cookie (a host name costs a resolver look-up).
+pub fn name_matches_ip(node: &str, ip: IpAddr) -> bool {
+    let Some(addr) = node_addr(node) else {
+        return false;
+    };
+    let want = ip.to_canonical();
+    addr.to_socket_addrs()
+        .is_ok_and(|mut all| all.any(|a| a.ip().to_canonical() == want))
+}
+
+/// A route or subscription filter from a peer, checked as a client's SUBSCRIBE would be
+/// (wildcard placement, shared-subscription syntax, levels), and never longer than an MQTT
+/// string.
+pub fn valid_peer_filter(filter: &str, max_levels: usize) -> bool {
+    if filter.len() > MQTT_STRING_MAX_BYTES {
+        return false;
+    }
+    let real = if crate::shared::is_shared(filter) {
+        match crate::shared::parse_shared(filter) {
+            Some((_, real)) => real,
+            None => return false,
+        }
+    } else {
+        filter
+    };
+    crate::topic::validate_filter(real, max_levels).is_ok()
+}
+
+/// A topic name from a peer, checked as a client's PUBLISH topic would be.
+pub fn valid_peer_topic(topic: &str, max_levels: usize) -> bool {
+    topic.len() <= MQTT_STRING_MAX_BYTES && crate::topic::validate_name(topic, max_levels).is_ok()
+}
+
+/// A name from a peer for a log line: as is when it is a valid node name, quoted and
+/// escaped otherwise (so it cannot forge log lines).
+fn shown(name: &str) -> String {
+    if valid_node_name(name) {
+        name.to_string()
+    } else {
+        format!("{:?}", name.chars().take(64).collect::<String>())
+    }
+}
+
+/// True for a flat JSON object (`{"k":v,...}` with string, integer, `true`/`false` or `null`
+/// values), which is what a listing row is. A peer's rows are spliced into the management
+/// API's answer as they are, so anything else (a row that closes the array, injects rows or
+/// nests without bound) is dropped.
+pub fn flat_json_object(row: &str) -> bool {
+    let b = row.as_bytes();
+    let mut i = 0;
+    // A JSON string starting at `i` (a quote); returns the index after its closing quote.
+    let string = |mut i: usize| -> Option<usize> {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        i += 1;
+        loop {
+            match *b.get(i)? {
+                b'"' => return Some(i + 1),
+                b'\\' => {
+                    let e = *b.get(i + 1)?;
+                    if e == b'u' {
+                        let hex = b.get(i + 2..i + 6)?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return None;
+                        }
+                        i += 6;
+                    } else if b"\"\\/bfnrt".contains(&e) {
+                        i += 2;
+                    } else {
+                        return None;
+                    }
+                }
+                c if c < 0x20 => return None,
+                _ => i += 1,
+            }
+        }
+    };
+    if b.first() != Some(&b'{') || b.last() != Some(&b'}') {
+        return false;
+    }
+    i += 1;
+    if b.get(i) == Some(&b'}') {
+        return i + 1 == b.len();
+    }
+    loop {
+        let Some(after_key) = string(i) else {
+            return false;
+        };
+        if b.get(after_key) != Some(&b':') {
+            return false;
+        }
+        i = after_key + 1;
+        let rest = &b[i..];
+        i = if rest.first() == Some(&b'"') {
+            match string(i) {
+                Some(j) => j,
+                None => return false,
+            }
+        } else if let Some(word) = [&b"true"[..], b"false", b"null"]
+            .into_iter()
+            .find(|w| rest.starts_with(w))
+        {
+            i + word.len()
+        } else {
+            let digits = rest
+                .iter()
+                .enumerate()
+                .take_while(|&(k, c)| c.is_ascii_digit() || (k == 0 && *c == b'-'))
+                .count();
+            if digits == 0 || rest[..digits] == *b"-" {
+                return false;
+            }
+            i + digits
+        };
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') => return i + 1 == b.len(),
+            _ => return false,
+        }
+    }
+}
+
+/// True when a listener on `bind` with `cookie` lets anyone beyond this host join.
+pub fn exposed_with_shipped_cookie(bind: SocketAddr, cookie: &str) -> bool {
+    !bind.ip().is_loopback() && cookie == SHIPPED_COOKIE
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Host part of `name@host[:port]` and the cluster address it stands for.
@@ -255,6 +463,13 @@ impl Cluster {
         let node = shared.cfg.node_name.clone();
         let listener = match cfg.bind {
             Some(addr) => {
+                if exposed_with_shipped_cookie(addr, &cfg.cookie) {
+                    log::warn!(
+                        "cluster: listening on {addr} with the shipped default cookie: anyone \
+                         who can reach this port can join the cluster; set cluster.cookie \
+                         (or bind cluster.bind to a loopback or private address)"
+                    );
+                }
                 let l = TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
                 control.enabled.store(true, Ordering::Relaxed);
@@ -298,7 +513,8 @@ impl Cluster {
             started: Instant::now(),
             started_ms: now.as_millis() as u64,
             last_heartbeat: Instant::now(),
-            nonce_seed: now.as_nanos() as u64 ^ std::process::id() as u64,
+            refused_accepts: 0,
+            refused_logged: None,
             scratch: BytesMut::with_capacity(64 * 1024),
         })
     }
@@ -410,23 +626,56 @@ impl Cluster {
             accepted.push((stream, addr));
         }
         for (stream, addr) in accepted {
-            self.add_link(stream, addr.to_string());
+            let handshaking = self
+                .links
+                .iter()
+                .flatten()
+                .filter(|l| !l.authed && !l.dialed)
+                .count();
+            if handshaking >= HANDSHAKES_MAX {
+                // Closed at once: unauthenticated links cannot pile up.
+                drop(stream);
+                self.refused_accepts += 1;
+                if self
+                    .refused_logged
+                    .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL)
+                {
+                    log::warn!(
+                        "cluster: refused {} link(s): {HANDSHAKES_MAX} links are already in \
+                         their handshake (last from {addr})",
+                        self.refused_accepts
+                    );
+                    self.refused_accepts = 0;
+                    self.refused_logged = Some(Instant::now());
+                }
+                continue;
+            }
+            if let Err(e) = self.add_link(stream, addr.to_string(), Some(addr.ip()), false) {
+                log::warn!("cluster: link from {addr} dropped: {e}");
+            }
         }
     }
 
-    fn add_link(&mut self, stream: TcpStream, peer_addr: String) -> usize {
+    fn add_link(
+        &mut self,
+        stream: TcpStream,
+        peer_addr: String,
+        remote_ip: Option<IpAddr>,
+        dialed: bool,
+    ) -> std::io::Result<usize> {
+        let nonce = fresh_nonce()
+            .map_err(|e| std::io::Error::other(format!("no random nonce from the OS: {e}")))?;
         let _ = stream.set_nonblocking(true);
         let _ = stream.set_nodelay(true);
-        self.nonce_seed = self
-            .nonce_seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
         let link = Link {
             stream,
-            reader: FrameReader::default(),
+            reader: FrameReader::with_max(HANDSHAKE_FRAME_MAX_BYTES),
             out: VecDeque::new(),
             out_bytes: 0,
-            nonce: self.nonce_seed,
+            nonce,
+            peer_nonce: None,
+            dialed,
+            remote_ip,
             peer_name: None,
             peer_addr,
             authed: false,
@@ -452,19 +701,34 @@ impl Cluster {
             version: CLUSTER_PROTOCOL_VERSION,
             node: self.node.clone(),
             cluster_addr: self.advertised.clone(),
-            nonce: self.links[idx].as_ref().expect("just added").nonce,
+            nonce,
             started_ms: self.started_ms,
         };
         self.send(idx, &hello);
-        idx
+        Ok(idx)
     }
 
+    /// Queues a frame on a link. Past [`LINK_OUT_MAX_BYTES`] the peer is not reading: the
+    /// link is closed instead of queueing more.
     fn send(&mut self, link: usize, frame: &Frame) {
         frame.encode(&mut self.scratch);
         let bytes = self.scratch.split().freeze();
-        if let Some(l) = self.links.get_mut(link).and_then(|l| l.as_mut()) {
+        if let Some(l) = self
+            .links
+            .get_mut(link)
+            .and_then(|l| l.as_mut())
+            .filter(|l| !l.closed)
+        {
             l.out_bytes += bytes.len();
             l.out.push_back(bytes);
+            if l.out_bytes > LINK_OUT_MAX_BYTES {
+                log::warn!(
+                    "cluster: {} does not read its link ({} bytes queued); closing it",
+                    shown(l.peer_name.as_deref().unwrap_or(&l.peer_addr)),
+                    l.out_bytes
+                );
+                l.closed = true;
+            }
         }
     }
 
@@ -472,40 +736,52 @@ impl Cluster {
         let mut buf = vec![0u8; 64 * 1024];
         for i in 0..self.links.len() {
             let mut error = None;
-            if let Some(link) = self.links[i].as_mut().filter(|l| !l.data_waiting) {
-                loop {
-                    match link.stream.read(&mut buf) {
-                        Ok(0) => {
-                            error = Some("closed by peer".to_string());
-                            break;
-                        }
-                        Ok(n) => {
-                            link.last_rx = Instant::now();
-                            link.reader.extend(&buf[..n]);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            let mut budget = READ_BUDGET_BYTES;
+            loop {
+                // Decode what is buffered before reading more, so a link never holds more
+                // than one partial frame (bounded by the reader's maximum) plus one read.
+                // One frame at a time: a frame can hand the socket (and the bytes after it)
+                // to a shard, or park it.
+                while let Some(link) = self.links[i]
+                    .as_mut()
+                    .filter(|l| !l.closed && !l.data_waiting)
+                {
+                    match link.reader.next_frame() {
+                        Ok(Some(f)) => self.on_frame(i, f),
+                        Ok(None) => break,
                         Err(e) => {
+                            log::warn!(
+                                "cluster: bad frame from {}: {e}; closing link",
+                                shown(&link.peer_addr)
+                            );
                             error = Some(e.to_string());
                             break;
                         }
                     }
                 }
-            }
-            // One frame at a time: a frame can hand the socket (and the bytes after it) to a
-            // shard, or park it.
-            while let Some(link) = self.links[i]
-                .as_mut()
-                .filter(|l| !l.closed && !l.data_waiting)
-            {
-                match link.reader.next_frame() {
-                    Ok(Some(f)) => self.on_frame(i, f),
-                    Ok(None) => break,
+                if error.is_some() || budget == 0 {
+                    break;
+                }
+                let Some(link) = self.links[i]
+                    .as_mut()
+                    .filter(|l| !l.closed && !l.data_waiting)
+                else {
+                    break;
+                };
+                debug_assert!(link.reader.buffered() <= FRAME_MAX_BYTES + 4);
+                match link.stream.read(&mut buf[..budget.min(64 * 1024)]) {
+                    Ok(0) => {
+                        error = Some("closed by peer".to_string());
+                        break;
+                    }
+                    Ok(n) => {
+                        link.last_rx = Instant::now();
+                        link.reader.extend(&buf[..n]);
+                        budget -= n;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::warn!(
-                            "cluster: bad frame from {}: {e}; closing link",
-                            link.peer_addr
-                        );
                         error = Some(e.to_string());
                         break;
                     }
@@ -576,7 +852,7 @@ impl Cluster {
         let Some(name) = link.peer_name else {
             log::debug!(
                 "cluster: link from {} closed before handshake: {why}",
-                link.peer_addr
+                shown(&link.peer_addr)
             );
             return;
         };
@@ -661,31 +937,99 @@ impl Cluster {
                 nonce,
                 ..
             } => {
-                if hello_seen || version != CLUSTER_PROTOCOL_VERSION || node == self.node {
-                    log::warn!("cluster: refusing link from {node}: bad hello (version {version})");
-                    self.mark_closed(link);
-                    return;
-                }
                 let l = self.links[link].as_mut().expect("checked above");
-                l.hello_seen = true;
-                l.peer_name = Some(node);
-                l.peer_addr = cluster_addr;
-                let digest = cookie_digest(&self.cfg.cookie, nonce);
-                self.send(link, &Frame::Auth { digest });
-            }
-            Frame::Auth { digest } => {
-                let l = self.links[link].as_ref().expect("checked above");
-                if !hello_seen || authed || digest != cookie_digest(&self.cfg.cookie, l.nonce) {
+                // A data link we dialled must be answered by the node we dialled it for.
+                let expected = l.dialed && l.peer_name.as_ref().is_some_and(|n| *n != node);
+                if hello_seen
+                    || version != CLUSTER_PROTOCOL_VERSION
+                    || node == self.node
+                    || expected
+                    || !valid_node_name(&node)
+                    || !valid_cluster_addr(&cluster_addr)
+                {
                     log::warn!(
-                        "cluster: refusing link from {} ({}): wrong cookie",
-                        l.peer_name.as_deref().unwrap_or("?"),
-                        l.peer_addr
+                        "cluster: refusing link from {}: bad hello (version {version})",
+                        shown(&node)
                     );
                     self.mark_closed(link);
                     return;
                 }
+                l.hello_seen = true;
+                l.peer_nonce = Some(nonce);
+                let dialed = l.dialed;
+                let ours = l.nonce;
+                l.peer_name = Some(node.clone());
+                l.peer_addr = cluster_addr;
+                if dialed {
+                    // The dialler proves first; the acceptor answers only a valid proof.
+                    let t = Transcript {
+                        dialer: &self.node,
+                        dialer_nonce: &ours,
+                        acceptor: &node,
+                        acceptor_nonce: &nonce,
+                    };
+                    let proof = handshake_proof(&self.cfg.cookie, Role::Dialer, &t);
+                    self.send(link, &Frame::Auth { proof });
+                }
+            }
+            Frame::Auth { proof } => {
+                let l = self.links[link].as_ref().expect("checked above");
+                let verified = match (&l.peer_name, &l.peer_nonce) {
+                    (Some(peer), Some(theirs)) if hello_seen && !authed => {
+                        let (t, peer_role) = if l.dialed {
+                            let t = Transcript {
+                                dialer: &self.node,
+                                dialer_nonce: &l.nonce,
+                                acceptor: peer,
+                                acceptor_nonce: theirs,
+                            };
+                            (t, Role::Acceptor)
+                        } else {
+                            let t = Transcript {
+                                dialer: peer,
+                                dialer_nonce: theirs,
+                                acceptor: &self.node,
+                                acceptor_nonce: &l.nonce,
+                            };
+                            (t, Role::Dialer)
+                        };
+                        verify_proof(&self.cfg.cookie, peer_role, &t, &proof).then(|| {
+                            // Our answer, computed only now that the dialler has proven.
+                            (!l.dialed)
+                                .then(|| handshake_proof(&self.cfg.cookie, Role::Acceptor, &t))
+                        })
+                    }
+                    _ => None,
+                };
+                let Some(answer) = verified else {
+                    log::warn!(
+                        "cluster: refusing link from {} ({}): wrong cookie",
+                        shown(l.peer_name.as_deref().unwrap_or("?")),
+                        shown(&l.peer_addr)
+                    );
+                    self.mark_closed(link);
+                    return;
+                };
+                let peer = l.peer_name.clone().expect("verified after hello");
+                if !self.cfg.allow_node_name_mismatch {
+                    let ip = l.remote_ip;
+                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip)) {
+                        log::warn!(
+                            "cluster: refusing node {peer}: its link comes from {}, not the \
+                             host of its name (cluster.allow_node_name_mismatch = false)",
+                            ip.map(|ip| ip.to_string()).unwrap_or_default()
+                        );
+                        self.mark_closed(link);
+                        return;
+                    }
+                }
                 let l = self.links[link].as_mut().expect("checked above");
                 l.authed = true;
+                l.reader.set_max(FRAME_MAX_BYTES);
+                if let Some(proof) = answer {
+                    self.send(link, &Frame::Auth { proof });
+                }
+                let l = self.links[link].as_ref().expect("checked above");
                 if l.data_shard.is_some() {
                     self.data_link_ready(link);
                 } else {
@@ -694,7 +1038,7 @@ impl Cluster {
             }
             Frame::DataLink { shard } => {
                 let l = self.links[link].as_mut().expect("checked above");
-                if !hello_seen || authed || l.data_shard.is_some() {
+                if !hello_seen || authed || l.dialed || l.data_shard.is_some() {
                     log::warn!("cluster: unexpected data-link frame; closing link");
                     self.mark_closed(link);
                     return;
@@ -871,13 +1215,36 @@ impl Cluster {
                 self.peers[p].connections = connections;
             }
             Frame::Members { members } => {
-                for (name, addr) in members {
-                    if name != self.node && self.peer_index(&name).is_none() {
-                        log::info!("cluster: learned of node {name} ({addr})");
-                        self.peer_entry(&name, &addr);
-                    }
+                // The list holds the sender and its peers: PEERS_MAX + 1 at most.
+                if members.len() > PEERS_MAX + 1 {
+                    log::warn!(
+                        "cluster: {} sent a member list of {} nodes (at most {}); ignored",
+                        self.peers[p].name,
+                        members.len(),
+                        PEERS_MAX + 1
+                    );
+                    return;
                 }
-                self.save_members();
+                let mut learned = false;
+                for (name, addr) in members {
+                    if name == self.node || self.peer_index(&name).is_some() {
+                        continue;
+                    }
+                    if !valid_node_name(&name) || !valid_cluster_addr(&addr) {
+                        log::warn!(
+                            "cluster: {} listed a malformed member {} at {}; ignored",
+                            self.peers[p].name,
+                            shown(&name),
+                            shown(&addr)
+                        );
+                        continue;
+                    }
+                    log::info!("cluster: learned of node {name} ({addr})");
+                    learned |= self.peer_entry(&name, &addr).is_some();
+                }
+                if learned {
+                    self.save_members();
+                }
             }
             Frame::Leave => {
                 log::info!("cluster: node {} left", self.peers[p].name);
@@ -889,6 +1256,9 @@ impl Cluster {
                     l.peer_name = None;
                     l.closed = true;
                 }
+            }
+            Frame::RouteAdd { filter, .. } if !self.valid_filter(&filter) => {
+                self.refuse_routes(p, 1);
             }
             Frame::RouteAdd { seq, filter } => {
                 if seq > self.peers[p].route_seq {
@@ -907,7 +1277,15 @@ impl Cluster {
                 }
             }
             Frame::RouteSnapshot { seq, filters } => {
-                let new: HashSet<String> = filters.into_iter().collect();
+                let all = filters.len();
+                let new: HashSet<String> = filters
+                    .into_iter()
+                    .filter(|f| self.valid_filter(f))
+                    .collect();
+                if new.len() < all {
+                    // Duplicates count here too, which an honest node never sends.
+                    self.refuse_routes(p, all - new.len());
+                }
                 let old = std::mem::take(&mut self.peers[p].routes);
                 for f in old.difference(&new) {
                     self.broadcast_route(f.as_str().into(), node, false);
@@ -926,6 +1304,13 @@ impl Cluster {
                 self.mark_closed(link);
             }
             Frame::Retain { msg } => {
+                if !valid_peer_topic(&msg.topic, self.metrics.cfg.max_topic_levels) {
+                    log::warn!(
+                        "cluster: {} sent a retained message with an invalid topic; ignored",
+                        self.peers[p].name
+                    );
+                    return;
+                }
                 let Some(msg) = from_wire(msg) else { return };
                 self.store_retained(&msg);
                 let value = (!msg.payload.is_empty()).then(|| msg.clone());
@@ -945,6 +1330,13 @@ impl Cluster {
                 token,
                 at_ms,
             } => {
+                if client_id.len() > MQTT_STRING_MAX_BYTES {
+                    return;
+                }
+                // The arbitration compares connection times across nodes: a peer's time is
+                // never taken from the future, nor from further back than the skew allowed.
+                let now = unix_ms();
+                let at_ms = at_ms.clamp(now.saturating_sub(TAKEOVER_SKEW_MAX_MS), now);
                 let shard = home_shard(&client_id, self.mesh.shards());
                 self.mesh.send(
                     shard,
@@ -966,6 +1358,28 @@ impl Cluster {
                 pubrel,
                 sent_ids,
             } => {
+                let cfg = &self.metrics.cfg;
+                let inflight_max = usize::from(cfg.max_inflight);
+                let valid = client_id.len() <= MQTT_STRING_MAX_BYTES
+                    && pubrel.len() <= inflight_max
+                    && sent_ids.len() <= inflight_max
+                    && (cfg.max_subscriptions == 0 || subscriptions.len() <= cfg.max_subscriptions)
+                    && subscriptions
+                        .iter()
+                        .all(|s| valid_peer_filter(&s.filter, cfg.max_topic_levels))
+                    && messages
+                        .iter()
+                        .all(|m| valid_peer_topic(&m.topic, cfg.max_topic_levels));
+                if !valid {
+                    // Answered as "no session there" rather than imported past the limits.
+                    log::warn!(
+                        "cluster: {} sent a session transfer beyond this node's limits \
+                         (in-flight, subscriptions, filters); refused",
+                        self.peers[p].name
+                    );
+                    self.takeover_answer(token, node, None);
+                    return;
+                }
                 let export = found.then(|| {
                     Box::new(SessionExport {
                         token,
@@ -993,6 +1407,18 @@ impl Cluster {
                 client_id,
                 messages,
             } => {
+                let max_levels = self.metrics.cfg.max_topic_levels;
+                if client_id.len() > MQTT_STRING_MAX_BYTES
+                    || !messages
+                        .iter()
+                        .all(|m| valid_peer_topic(&m.topic, max_levels))
+                {
+                    log::warn!(
+                        "cluster: {} sent a malformed session tail; ignored",
+                        self.peers[p].name
+                    );
+                    return;
+                }
                 let shard = home_shard(&client_id, self.mesh.shards());
                 let msg = MeshMsg::SessionTail {
                     client_id: client_id.into(),
@@ -1000,12 +1426,30 @@ impl Cluster {
                 };
                 self.mesh.send(shard, msg);
             }
-            Frame::Query { token, kind } => self.start_query(kind, QueryOrigin::Peer(p, token)),
+            Frame::Query { token, kind } if matches!(kind, 1 | 2 | QUERY_METRICS) => {
+                self.start_query(kind, QueryOrigin::Peer(p, token))
+            }
+            Frame::Query { kind, .. } => {
+                log::debug!("cluster: ignoring query of unknown kind {kind}");
+            }
             Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
             Frame::Hello { .. } | Frame::Auth { .. } | Frame::DataLink { .. } => {
                 self.mark_closed(link)
             }
         }
+    }
+
+    /// A peer's route filter, checked as a client's SUBSCRIBE filter would be.
+    fn valid_filter(&self, filter: &str) -> bool {
+        valid_peer_filter(filter, self.metrics.cfg.max_topic_levels)
+    }
+
+    fn refuse_routes(&self, p: usize, count: usize) {
+        log::warn!(
+            "cluster: refused {count} invalid route filter(s) from {} (wildcards, length or \
+             more than mqtt.max_topic_levels levels)",
+            self.peers[p].name
+        );
     }
 
     fn broadcast_route(&mut self, filter: Arc<str>, node: u8, add: bool) {
@@ -1300,13 +1744,23 @@ impl Cluster {
         }
     }
 
+    /// Opens a link without waiting for the connection: the `Hello` waits in the out queue
+    /// until the socket is writable, and a connection that never completes is closed with
+    /// the handshake deadline. (A host name is still resolved here, by the system resolver.)
     fn dial(&mut self, addr: &str) -> std::io::Result<usize> {
+        use socket2::{Domain, Protocol, Socket, Type};
         let sock = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| std::io::Error::other(format!("{addr} does not resolve")))?;
-        let stream = TcpStream::connect_timeout(&sock, Duration::from_millis(500))?;
-        Ok(self.add_link(stream, addr.to_string()))
+        let s = Socket::new(Domain::for_address(sock), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_nonblocking(true)?;
+        match s.connect(&sock.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        self.add_link(s.into(), addr.to_string(), Some(sock.ip()), true)
     }
 
     /// Connects to `target` (`name@host[:port]` or `host:port`).
@@ -1321,7 +1775,11 @@ impl Cluster {
         };
         self.dial(&addr)
             .map_err(|e| format!("cannot reach {target} at {addr}: {e}"))?;
-        Ok(format!("{{\"joining\":\"{target}\",\"addr\":\"{addr}\"}}"))
+        Ok(format!(
+            "{{\"joining\":{},\"addr\":{}}}",
+            json_str(target),
+            json_str(&addr)
+        ))
     }
 
     fn leave(&mut self) -> String {
@@ -1348,9 +1806,9 @@ impl Cluster {
 
     fn status(&self) -> String {
         let mut nodes = vec![format!(
-            "{{\"node\":\"{}\",\"status\":\"running\",\"self\":true,\"addr\":\"{}\",\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
-            self.node,
-            self.advertised,
+            "{{\"node\":{},\"status\":\"running\",\"self\":true,\"addr\":{},\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
+            json_str(&self.node),
+            json_str(&self.advertised),
             self.started.elapsed().as_secs(),
             self.metrics.metrics.connections.load(Ordering::Relaxed),
             self.local_routes.len()
@@ -1362,9 +1820,9 @@ impl Cluster {
                 "down"
             };
             nodes.push(format!(
-                "{{\"node\":\"{}\",\"status\":\"{status}\",\"self\":false,\"addr\":\"{}\",\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
-                p.name,
-                p.addr,
+                "{{\"node\":{},\"status\":\"{status}\",\"self\":false,\"addr\":{},\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
+                json_str(&p.name),
+                json_str(&p.addr),
                 p.uptime_s,
                 p.connections,
                 p.routes.len()
@@ -1460,12 +1918,26 @@ impl Cluster {
         let Some(q) = self.queries.get_mut(&token) else {
             return;
         };
-        q.rows.extend(rows);
+        let before = q.rows.len();
         match from_peer {
+            // One answer per asked peer; a second (or unasked) one is dropped.
+            Some(p) if !q.peers_left.remove(&p) => return,
             Some(p) => {
-                q.peers_left.remove(&p);
+                let all = rows.len();
+                q.rows
+                    .extend(rows.into_iter().filter(|r| flat_json_object(r)));
+                if q.rows.len() - before < all {
+                    log::warn!(
+                        "cluster: dropped {} malformed listing row(s) from {}",
+                        all - (q.rows.len() - before),
+                        self.peers[p].name
+                    );
+                }
             }
-            None => q.shards_left = q.shards_left.saturating_sub(1),
+            None => {
+                q.shards_left = q.shards_left.saturating_sub(1);
+                q.rows.extend(rows);
+            }
         }
         if q.shards_left == 0 && q.peers_left.is_empty() {
             self.finish_query(token);
@@ -1500,7 +1972,7 @@ impl Cluster {
         };
         for line in text.lines() {
             if let Some((name, addr)) = line.split_once(' ') {
-                if name != self.node {
+                if name != self.node && valid_node_name(name) && valid_cluster_addr(addr) {
                     self.peer_entry(name, addr);
                 }
             }
@@ -1586,6 +2058,88 @@ mod tests {
         );
         assert_eq!(node_addr("n1@"), None);
         assert_eq!(node_addr("n1"), None);
+    }
+
+    #[test]
+    fn node_names_that_would_need_escaping_are_not_node_names() {
+        assert!(valid_node_name("n1@127.0.0.1"));
+        assert!(valid_node_name("emqx-1.a_b@host.example:4370"));
+        assert!(valid_node_name("n@[::1]:4370"));
+        for bad in [
+            "n1", "@h", "n@", "a\"b@h", "n@h\n", "n@h\\", "n@h\"}", "n@h h", "a@b@c",
+        ] {
+            assert!(!valid_node_name(bad), "{bad:?}");
+        }
+        assert!(!valid_node_name(&format!("n@{}", "h".repeat(300))));
+        assert!(valid_cluster_addr("127.0.0.1:4370"));
+        assert!(!valid_cluster_addr("127.0.0.1"));
+        assert!(!valid_cluster_addr("127.0.0.1:0"));
+        assert!(!valid_cluster_addr("x\":1"));
+    }
+
+    #[test]
+    fn only_flat_json_objects_pass_as_listing_rows() {
+        for good in [
+            "{}",
+            r#"{"clientid":"a\"b\u00e9","node":"n1@h","connected":true,"queued":0,"x":-3}"#,
+            r#"{"k":null}"#,
+        ] {
+            assert!(flat_json_object(good), "{good}");
+        }
+        for bad in [
+            "",
+            "{",
+            r#"{"a":1},{"b":2}"#,
+            r#"{"a":1}]"#,
+            r#"{"a":{"b":1}}"#,
+            r#"{"a":"x\q"}"#,
+            "{\"a\":\"\n\"}",
+            r#"{"a":-}"#,
+            r#"{"a":1,}"#,
+            r#"{a:1}"#,
+            r#"{"a":"\u12"}"#,
+        ] {
+            assert!(!flat_json_object(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_cookie_is_flagged_beyond_loopback_only() {
+        let any: SocketAddr = "0.0.0.0:4370".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:4370".parse().unwrap();
+        assert!(exposed_with_shipped_cookie(any, SHIPPED_COOKIE));
+        assert!(!exposed_with_shipped_cookie(lo, SHIPPED_COOKIE));
+        assert!(!exposed_with_shipped_cookie(any, "a-secret"));
+        // The shipped configuration carries that cookie.
+        assert_eq!(ClusterConfig::default().cookie, SHIPPED_COOKIE);
+    }
+
+    #[test]
+    fn a_name_matches_the_address_it_names() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(name_matches_ip("n1@127.0.0.1", lo));
+        assert!(name_matches_ip("n1@127.0.0.1:4371", lo));
+        assert!(name_matches_ip(
+            "n1@127.0.0.1",
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        assert!(!name_matches_ip("n1@10.0.0.1", lo));
+        assert!(!name_matches_ip("n1", lo));
+    }
+
+    #[test]
+    fn peer_filters_are_checked_as_client_filters() {
+        assert!(valid_peer_filter("a/+/#", 128));
+        assert!(valid_peer_filter("$share/g/a/#", 128));
+        assert!(!valid_peer_filter("a/#/b", 128));
+        assert!(!valid_peer_filter("$share/g", 128));
+        assert!(!valid_peer_filter("", 128));
+        assert!(!valid_peer_filter(&"a/".repeat(200), 128));
+        // With no level limit configured, the MQTT string length still bounds the depth.
+        assert!(valid_peer_filter(&"a/".repeat(1000), 0));
+        assert!(!valid_peer_filter(&"a/".repeat(300_000), 0));
+        assert!(valid_peer_topic("a/b", 128));
+        assert!(!valid_peer_topic("a/+", 128));
     }
 
     #[test]

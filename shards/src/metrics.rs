@@ -287,6 +287,11 @@ impl Metrics {
 pub fn parse_json(row: &str) -> Option<(String, Vec<(String, i64)>)> {
     let body = row.trim().strip_prefix("{\"node\":\"")?.strip_suffix('}')?;
     let (node, rest) = body.split_once("\",")?;
+    // Rows come from peers: a name that needs escaping is not one a node can have, and
+    // would otherwise reach Prometheus labels as is.
+    if !crate::cluster::valid_node_name(node) {
+        return None;
+    }
     let mut figures = Vec::new();
     for field in rest.split(',') {
         let (k, v) = field.split_once(':')?;

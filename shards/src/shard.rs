@@ -3025,6 +3025,15 @@ impl Shard {
                     normal,
                     shared,
                 })) => {
+                    // A peer's topic is checked as a client's PUBLISH topic (MQTT-3.3.2-2).
+                    if !crate::cluster::valid_peer_topic(&msg.topic, self.cfg().max_topic_levels) {
+                        log::warn!(
+                            "shard {}: node {node} forwarded a message with an invalid topic; \
+                             dropped",
+                            self.id
+                        );
+                        continue;
+                    }
                     let Some(msg) = from_wire(msg) else { continue };
                     let shared = shared.into_iter().map(Arc::from).collect();
                     self.route_with(msg, normal, Some(shared));

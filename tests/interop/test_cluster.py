@@ -572,14 +572,15 @@ def frame(kind: int, body: bytes) -> bytes:
     return struct.pack(">I", 1 + len(body)) + bytes([kind]) + body
 
 
-CLUSTER_PROTOCOL_VERSION = 2
+CLUSTER_PROTOCOL_VERSION = 3
 
 
 def hello(name: str, version: int = CLUSTER_PROTOCOL_VERSION) -> bytes:
     def s(x: str) -> bytes:
         return struct.pack(">I", len(x)) + x.encode()
 
-    body = struct.pack(">I", version) + s(name) + s("127.0.0.1:1") + struct.pack(">QQ", 7, 0)
+    nonce = bytes(16) if version >= 3 else struct.pack(">Q", 7)
+    body = struct.pack(">I", version) + s(name) + s("127.0.0.1:1") + nonce + struct.pack(">Q", 0)
     return frame(1, body)
 
 
@@ -607,7 +608,7 @@ def test_bad_input_on_the_cluster_port_is_refused_and_the_node_keeps_serving(clu
     assert closed_by_peer(o)
     # A node that does not know the cookie.
     w = socket.create_connection(("127.0.0.1", n1.cluster_port))
-    w.sendall(hello("intruder@127.0.0.1") + frame(2, struct.pack(">Q", 12345)))
+    w.sendall(hello("intruder@127.0.0.1") + frame(2, bytes(32)))
     assert closed_by_peer(w)
     assert "wrong cookie" in n1.log()
     assert "intruder@127.0.0.1" not in n1.status()
