@@ -256,6 +256,8 @@ pub struct Cluster {
     local_routes: HashSet<String>,
     route_seq: u64,
     retained: HashMap<String, Arc<Message>>,
+    /// Topic + payload bytes in `retained`.
+    retained_bytes: usize,
     pending: HashMap<u64, PendingTakeover>,
     /// `TakeoverEnd`s to send once this mesh round is over (see `run`).
     takeover_ends: Vec<(Arc<str>, u8)>,
@@ -506,6 +508,7 @@ impl Cluster {
             local_routes: HashSet::new(),
             route_seq: 0,
             retained: HashMap::new(),
+            retained_bytes: 0,
             pending: HashMap::new(),
             takeover_ends: Vec::new(),
             queries: HashMap::new(),
@@ -1600,11 +1603,33 @@ impl Cluster {
         }
     }
 
+    /// The cluster thread's copy of the retained messages (sent to peers that come up),
+    /// bounded like the shards' replicas by `mqtt.max_retained_messages` and
+    /// `mqtt.max_retained_bytes`.
     fn store_retained(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
-            self.retained.remove(&*msg.topic);
-        } else {
-            self.retained.insert(msg.topic.to_string(), msg.clone());
+            if let Some(old) = self.retained.remove(&*msg.topic) {
+                self.retained_bytes -= old.topic.len() + old.payload.len();
+            }
+            return;
+        }
+        let cfg = &self.metrics.cfg;
+        let old = self.retained.get(&*msg.topic);
+        let grows = old.map_or(msg.topic.len() + msg.payload.len(), |o| {
+            msg.payload.len().saturating_sub(o.payload.len())
+        });
+        let count_ok = cfg.max_retained_messages == 0
+            || old.is_some()
+            || self.retained.len() < cfg.max_retained_messages;
+        let bytes_ok = cfg.max_retained_bytes == 0
+            || grows == 0
+            || self.retained_bytes + grows <= cfg.max_retained_bytes;
+        if !(count_ok && bytes_ok) {
+            return;
+        }
+        self.retained_bytes += msg.topic.len() + msg.payload.len();
+        if let Some(old) = self.retained.insert(msg.topic.to_string(), msg.clone()) {
+            self.retained_bytes -= old.topic.len() + old.payload.len();
         }
     }
 
