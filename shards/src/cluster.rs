@@ -20,25 +20,27 @@
 //! authenticated peer's filters, topics, names, member lists and session transfers are checked
 //! as a client's would be before they reach a shard, the disk or a dial.
 
+use crate::json::{flat_json_object, json_str};
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::shard::home_shard;
+use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QUERY_METRICS};
+// `pub(crate)`: the shards still name it by this path.
+pub(crate) use crate::peer_input::valid_peer_topic;
+use crate::peer_input::{valid_peer_filter, MQTT_STRING_MAX_BYTES};
+use crate::wire::{from_wire, to_wire};
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{
     fresh_nonce, handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript,
-    WireMessage, WireSubscription, CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES,
-    HANDSHAKE_FRAME_MAX_BYTES,
+    WireSubscription, CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
 };
-use shardmq_net::codec::{decode_message_properties, encode_message_properties};
-use shardmq_net::QoS;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Most peers a node links to (node indices are bits of a `u64`).
@@ -57,10 +59,6 @@ const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub const LINK_OUT_MAX_BYTES: usize = 256 * 1024 * 1024;
 /// Bytes read from one link per round, so one busy peer cannot hold the thread.
 const READ_BUDGET_BYTES: usize = 1024 * 1024;
-/// Longest string a peer may send where a client's would be an MQTT string (MQTT-1.5.4):
-/// filters, topics, client ids. Also the hard cap on a filter's depth when
-/// `mqtt.max_topic_levels` is 0 (at most 32,768 levels).
-pub const MQTT_STRING_MAX_BYTES: usize = 65_535;
 /// Longest node name or cluster address accepted from a peer.
 pub const NODE_NAME_MAX_BYTES: usize = 255;
 /// How far a peer's takeover time may lie in the past (ms); it is never taken from the future.
@@ -120,19 +118,6 @@ impl Default for ClusterConfig {
     }
 }
 
-/// Query kind: every node's figures (one [`crate::metrics::Metrics::json`] row per node).
-pub const QUERY_METRICS: u8 = 4;
-
-/// A management request to the cluster thread; the answer (JSON) goes back on `reply`.
-pub enum ControlCmd {
-    Join(String, mpsc::Sender<Result<String, String>>),
-    Leave(mpsc::Sender<Result<String, String>>),
-    Status(mpsc::Sender<Result<String, String>>),
-    /// Cluster-wide listing: 1 clients, 2 subscriptions, 3 routes, 4 (`QUERY_METRICS`) every
-    /// node's figures (a JSON array).
-    Query(u8, mpsc::Sender<Result<String, String>>),
-}
-
 /// Who asked a pending query.
 enum QueryOrigin {
     Local(mpsc::Sender<Result<String, String>>),
@@ -147,32 +132,6 @@ struct PendingQuery {
     peers_left: HashSet<usize>,
     rows: Vec<String>,
     deadline: Instant,
-}
-
-/// A JSON string literal (quotes and escapes) for the management API's hand-built JSON.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// What the management API shares with the cluster thread.
-#[derive(Default)]
-pub struct ClusterControl {
-    pub queue: Mutex<VecDeque<ControlCmd>>,
-    /// Live peers; shards skip cluster work while it is 0.
-    pub peers_up: AtomicUsize,
-    /// Set when the node has a cluster listener.
-    pub enabled: AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,7 +208,7 @@ pub struct Cluster {
     cfg: ClusterConfig,
     mesh: MeshEndpoint,
     control: Arc<ClusterControl>,
-    metrics: Arc<crate::shard::NodeShared>,
+    metrics: Arc<NodeShared>,
     listener: Option<TcpListener>,
     peers: Vec<Peer>,
     links: Vec<Option<Link>>,
@@ -313,29 +272,6 @@ pub fn name_matches_ip(node: &str, ip: IpAddr) -> bool {
         .is_ok_and(|mut all| all.any(|a| a.ip().to_canonical() == want))
 }
 
-/// A route or subscription filter from a peer, checked as a client's SUBSCRIBE would be
-/// (wildcard placement, shared-subscription syntax, levels), and never longer than an MQTT
-/// string.
-pub fn valid_peer_filter(filter: &str, max_levels: usize) -> bool {
-    if filter.len() > MQTT_STRING_MAX_BYTES {
-        return false;
-    }
-    let real = if crate::shared::is_shared(filter) {
-        match crate::shared::parse_shared(filter) {
-            Some((_, real)) => real,
-            None => return false,
-        }
-    } else {
-        filter
-    };
-    crate::topic::validate_filter(real, max_levels).is_ok()
-}
-
-/// A topic name from a peer, checked as a client's PUBLISH topic would be.
-pub fn valid_peer_topic(topic: &str, max_levels: usize) -> bool {
-    topic.len() <= MQTT_STRING_MAX_BYTES && crate::topic::validate_name(topic, max_levels).is_ok()
-}
-
 /// A name from a peer for a log line: as is when it is a valid node name, quoted and
 /// escaped otherwise (so it cannot forge log lines).
 fn shown(name: &str) -> String {
@@ -343,86 +279,6 @@ fn shown(name: &str) -> String {
         name.to_string()
     } else {
         format!("{:?}", name.chars().take(64).collect::<String>())
-    }
-}
-
-/// True for a flat JSON object (`{"k":v,...}` with string, integer, `true`/`false` or `null`
-/// values), which is what a listing row is. A peer's rows are spliced into the management
-/// API's answer as they are, so anything else (a row that closes the array, injects rows or
-/// nests without bound) is dropped.
-pub fn flat_json_object(row: &str) -> bool {
-    let b = row.as_bytes();
-    let mut i = 0;
-    // A JSON string starting at `i` (a quote); returns the index after its closing quote.
-    let string = |mut i: usize| -> Option<usize> {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        i += 1;
-        loop {
-            match *b.get(i)? {
-                b'"' => return Some(i + 1),
-                b'\\' => {
-                    let e = *b.get(i + 1)?;
-                    if e == b'u' {
-                        let hex = b.get(i + 2..i + 6)?;
-                        if !hex.iter().all(u8::is_ascii_hexdigit) {
-                            return None;
-                        }
-                        i += 6;
-                    } else if b"\"\\/bfnrt".contains(&e) {
-                        i += 2;
-                    } else {
-                        return None;
-                    }
-                }
-                c if c < 0x20 => return None,
-                _ => i += 1,
-            }
-        }
-    };
-    if b.first() != Some(&b'{') || b.last() != Some(&b'}') {
-        return false;
-    }
-    i += 1;
-    if b.get(i) == Some(&b'}') {
-        return i + 1 == b.len();
-    }
-    loop {
-        let Some(after_key) = string(i) else {
-            return false;
-        };
-        if b.get(after_key) != Some(&b':') {
-            return false;
-        }
-        i = after_key + 1;
-        let rest = &b[i..];
-        i = if rest.first() == Some(&b'"') {
-            match string(i) {
-                Some(j) => j,
-                None => return false,
-            }
-        } else if let Some(word) = [&b"true"[..], b"false", b"null"]
-            .into_iter()
-            .find(|w| rest.starts_with(w))
-        {
-            i + word.len()
-        } else {
-            let digits = rest
-                .iter()
-                .enumerate()
-                .take_while(|&(k, c)| c.is_ascii_digit() || (k == 0 && *c == b'-'))
-                .count();
-            if digits == 0 || rest[..digits] == *b"-" {
-                return false;
-            }
-            i + digits
-        };
-        match b.get(i) {
-            Some(b',') => i += 1,
-            Some(b'}') => return i + 1 == b.len(),
-            _ => return false,
-        }
     }
 }
 
@@ -458,7 +314,7 @@ impl Cluster {
     /// Binds the cluster listener (if any); the thread is started with [`Cluster::run`].
     pub fn new(
         cfg: ClusterConfig,
-        shared: Arc<crate::shard::NodeShared>,
+        shared: Arc<NodeShared>,
         mesh: MeshEndpoint,
         control: Arc<ClusterControl>,
     ) -> std::io::Result<Cluster> {
@@ -2020,56 +1876,6 @@ impl Cluster {
     }
 }
 
-/// Converts a message for the wire (properties re-encoded, expiry as time left).
-pub fn to_wire(m: &Message) -> WireMessage {
-    let mut props = BytesMut::new();
-    if let Some(p) = &m.properties {
-        encode_message_properties(p, &mut props);
-    }
-    WireMessage {
-        topic: m.topic.to_string(),
-        payload: m.payload.clone(),
-        qos: m.qos as u8,
-        retain: m.retain,
-        publisher: m.publisher.to_string(),
-        properties: props.freeze(),
-        expiry_ms: m
-            .expires_at
-            .map(|t| {
-                t.saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .max(1) as u64
-            })
-            .unwrap_or(0),
-        id: m.id,
-    }
-}
-
-/// Rebuilds a message from the wire; `None` (logged) if its properties do not decode.
-pub fn from_wire(w: WireMessage) -> Option<Arc<Message>> {
-    let properties = if w.properties.is_empty() {
-        None
-    } else {
-        match decode_message_properties(&w.properties) {
-            Ok(p) => Some(Box::new(p)),
-            Err(e) => {
-                log::warn!("cluster: dropping forwarded message with bad properties: {e}");
-                return None;
-            }
-        }
-    };
-    Some(Arc::new(Message {
-        topic: w.topic.into(),
-        payload: w.payload,
-        qos: QoS::from_u8(w.qos)?,
-        retain: w.retain,
-        properties,
-        publisher: w.publisher.into(),
-        expires_at: (w.expiry_ms > 0).then(|| Instant::now() + Duration::from_millis(w.expiry_ms)),
-        id: w.id,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2103,32 +1909,6 @@ mod tests {
     }
 
     #[test]
-    fn only_flat_json_objects_pass_as_listing_rows() {
-        for good in [
-            "{}",
-            r#"{"clientid":"a\"b\u00e9","node":"n1@h","connected":true,"queued":0,"x":-3}"#,
-            r#"{"k":null}"#,
-        ] {
-            assert!(flat_json_object(good), "{good}");
-        }
-        for bad in [
-            "",
-            "{",
-            r#"{"a":1},{"b":2}"#,
-            r#"{"a":1}]"#,
-            r#"{"a":{"b":1}}"#,
-            r#"{"a":"x\q"}"#,
-            "{\"a\":\"\n\"}",
-            r#"{"a":-}"#,
-            r#"{"a":1,}"#,
-            r#"{a:1}"#,
-            r#"{"a":"\u12"}"#,
-        ] {
-            assert!(!flat_json_object(bad), "{bad}");
-        }
-    }
-
-    #[test]
     fn the_shipped_cookie_is_flagged_beyond_loopback_only() {
         let any: SocketAddr = "0.0.0.0:4370".parse().unwrap();
         let lo: SocketAddr = "127.0.0.1:4370".parse().unwrap();
@@ -2150,42 +1930,5 @@ mod tests {
         ));
         assert!(!name_matches_ip("n1@10.0.0.1", lo));
         assert!(!name_matches_ip("n1", lo));
-    }
-
-    #[test]
-    fn peer_filters_are_checked_as_client_filters() {
-        assert!(valid_peer_filter("a/+/#", 128));
-        assert!(valid_peer_filter("$share/g/a/#", 128));
-        assert!(!valid_peer_filter("a/#/b", 128));
-        assert!(!valid_peer_filter("$share/g", 128));
-        assert!(!valid_peer_filter("", 128));
-        assert!(!valid_peer_filter(&"a/".repeat(200), 128));
-        // With no level limit configured, the MQTT string length still bounds the depth.
-        assert!(valid_peer_filter(&"a/".repeat(1000), 0));
-        assert!(!valid_peer_filter(&"a/".repeat(300_000), 0));
-        assert!(valid_peer_topic("a/b", 128));
-        assert!(!valid_peer_topic("a/+", 128));
-    }
-
-    #[test]
-    fn messages_survive_the_wire() {
-        let m = Message {
-            topic: "a/b".into(),
-            payload: Bytes::from_static(b"x"),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: Some(Box::new(shardmq_net::Properties {
-                content_type: Some("text/plain".into()),
-                ..Default::default()
-            })),
-            publisher: "p".into(),
-            expires_at: None,
-            id: 42,
-        };
-        let back = from_wire(to_wire(&m)).unwrap();
-        assert_eq!(back.id, 42);
-        assert_eq!(back.topic, m.topic);
-        assert_eq!(back.properties, m.properties);
-        assert_eq!((back.qos, back.retain), (m.qos, m.retain));
     }
 }
