@@ -11,17 +11,23 @@
 //! - [`mesh`]: the only way shards talk to each other.
 //! - [`cluster`]: the node's control links to other nodes (membership, routes, takeover).
 //! - [`link`]: a shard's data links to other nodes (batched forwarding, backpressure).
+//! - [`node_shared`]: what every thread of a node shares, and a client id's home shard.
+//! - [`wire`]: a forwarded message on the wire; [`peer_input`]: checks on a peer's filters
+//!   and topics; [`json`]: the management API's hand-built JSON.
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
 pub mod alias;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod json;
 pub mod link;
 pub mod mesh;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod node_shared;
+pub mod peer_input;
 pub mod retained;
 pub mod ring;
 pub mod session;
@@ -32,8 +38,9 @@ pub mod subscription_list;
 pub mod timer;
 pub mod topic;
 pub mod topic_index;
+pub mod wire;
 
 pub use config::{BrokerConfig, DropPolicy};
 pub use metrics::Metrics;
 pub use node::{Node, StartError};
-pub use shard::NodeShared;
+pub use node_shared::NodeShared;

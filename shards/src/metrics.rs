@@ -277,7 +277,7 @@ impl Metrics {
             .collect();
         format!(
             "{{\"node\":{},{}}}",
-            crate::cluster::json_str(node),
+            crate::json::json_str(node),
             fields.join(",")
         )
     }

@@ -4,11 +4,12 @@
 //! clear error; each shard then builds its own ring on its own pinned thread and reports back
 //! before the node is declared running.
 
-use crate::cluster::{Cluster, ClusterControl};
+use crate::cluster::Cluster;
 use crate::config::BrokerConfig;
 use crate::mesh::{self, Doorbell};
 use crate::metrics::Metrics;
-use crate::shard::{NodeShared, Shard};
+use crate::node_shared::{ClusterControl, NodeShared};
+use crate::shard::Shard;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,7 +11,6 @@
 //! up, taken over or resumed on one thread and takeover needs no cross-shard protocol.
 
 use crate::alias::{AliasUse, OutboundAliases};
-use crate::cluster::{from_wire, to_wire};
 use crate::config::BrokerConfig;
 use crate::conn::write_queue;
 use crate::conn::{Conn, ConnSlab, ConnState};
@@ -19,6 +18,7 @@ use crate::link::{Links, LINK_IOV_MAX};
 use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
+use crate::node_shared::{home_shard, NodeShared};
 use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
 use crate::shard_set::ShardSet;
@@ -26,6 +26,7 @@ use crate::shared::{self, Group, Member};
 use crate::timer::{TimerWheel, TICK_MS};
 use crate::topic;
 use crate::topic_index::TopicIndex;
+use crate::wire::{from_wire, to_wire};
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{encode_publish_head, Frame};
@@ -37,7 +38,7 @@ use shardmq_net::{
 use smallvec::SmallVec;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,18 +90,6 @@ const MOVE_GRACE_MS: u64 = 5_000;
 /// learns the new routes later than the old node learns the end still sends here meanwhile
 /// (the new node keeps one copy of what it gets both ways).
 const MOVE_LINGER_MS: u64 = 1_000;
-
-/// State shared by every shard of the node.
-pub struct NodeShared {
-    pub cfg: BrokerConfig,
-    pub metrics: Metrics,
-    /// Set once to stop every shard.
-    pub shutdown: AtomicBool,
-    /// The cluster thread's control queue and peer count.
-    pub cluster: Arc<crate::cluster::ClusterControl>,
-    /// Rings the cluster thread after a control command was queued.
-    pub cluster_bell: Arc<crate::mesh::Doorbell>,
-}
 
 /// A session slot: the session, its connection (if online) and when it expires (if offline).
 struct SessionEntry {
@@ -253,17 +242,6 @@ pub struct Shard {
     doorbell_counter: Box<u64>,
     epoch: Instant,
     now_ms: u64,
-}
-
-/// Stable hash of a client id choosing its home shard (FNV-1a: identical on every thread and
-/// every run, unlike a seeded hasher).
-pub fn home_shard(client_id: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in client_id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    (h % shards as u64) as usize
 }
 
 impl Shard {
@@ -2615,7 +2593,7 @@ impl Shard {
     /// Rows for the management API: this shard's clients (`kind` 1) or subscriptions (2), each
     /// a JSON object naming the node.
     fn query_rows(&mut self, kind: u8) -> Vec<String> {
-        use crate::cluster::json_str;
+        use crate::json::json_str;
         let node = json_str(&self.shared.cfg.node_name);
         let mut rows = Vec::new();
         for entry in self.sessions.iter().flatten() {
@@ -3360,16 +3338,6 @@ fn message_from(p: Publish, publisher: Arc<str>, id: u64) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn home_shard_is_stable_and_spreads() {
-        assert_eq!(home_shard("client-1", 8), home_shard("client-1", 8));
-        let mut counts = [0usize; 4];
-        for i in 0..4000 {
-            counts[home_shard(&format!("c{i}"), 4)] += 1;
-        }
-        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
-    }
 
     #[test]
     fn session_entry_fits_its_memory_budget() {

@@ -6,8 +6,8 @@
 //! `GET /metrics[?mode=all_nodes_aggregated|all_nodes_unaggregated]`, the cluster commands and
 //! listings.
 
-use shardmq_shards::cluster::{ControlCmd, QUERY_METRICS};
 use shardmq_shards::metrics::{self, Figure};
+use shardmq_shards::node_shared::{ControlCmd, QUERY_METRICS};
 use shardmq_shards::NodeShared;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;

@@ -11,10 +11,10 @@ use shardmq_net::cluster::{
     verify_proof, Frame, FrameReader, Role, Transcript, FRAME_MAX_BYTES,
     HANDSHAKE_FRAME_MAX_BYTES,
 };
-use shardmq_shards::cluster::{
-    flat_json_object, from_wire, json_str, node_addr, valid_cluster_addr, valid_node_name,
-    valid_peer_filter, valid_peer_topic,
-};
+use shardmq_shards::cluster::{node_addr, valid_cluster_addr, valid_node_name};
+use shardmq_shards::json::{flat_json_object, json_str};
+use shardmq_shards::peer_input::{valid_peer_filter, valid_peer_topic};
+use shardmq_shards::wire::from_wire;
 
 fn check_name(name: &str) {
     if valid_node_name(name) {

@@ -1,0 +1,377 @@
+//! The thread's driver: the `poll(2)` loop over the listener, the control links and the mesh
+//! doorbell ([`Cluster::run`]), accepting and dialling links, and reading, writing and
+//! closing them under the per-link bounds ([`LINK_OUT_MAX_BYTES`], [`READ_BUDGET_BYTES`],
+//! [`HANDSHAKES_MAX`]). Frames read here go to [`Cluster::on_frame`].
+
+use super::*;
+
+impl Cluster {
+    /// Runs until `stop` is set.
+    pub fn run(mut self, stop: &AtomicBool) {
+        if self.listener.is_some() {
+            self.load_members();
+            if let Discovery::Static(seeds) = self.cfg.discovery.clone() {
+                for seed in seeds {
+                    if let Err(e) = self.join(&seed) {
+                        log::warn!("cluster: static seed {seed}: {e}");
+                    }
+                }
+            }
+        }
+        let mut msgs = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            self.poll_once(Duration::from_millis(100));
+            msgs.clear();
+            self.mesh.recv(MESH_BUDGET, &mut msgs);
+            let drained = msgs.len() < MESH_BUDGET;
+            for m in msgs.drain(..) {
+                self.on_mesh(m);
+            }
+            if drained {
+                // A moved session's importing shard asks for its `TakeoverEnd` after its
+                // route changes went to the filters' home shards, which sent them here:
+                // `recv` returned only when every queue was empty, so those route changes
+                // were in this round and went out first, and peers learn the new routes
+                // before the old node lets go.
+                for (client_id, node) in std::mem::take(&mut self.takeover_ends) {
+                    if let Some(link) = self.peers.get(node as usize).and_then(|p| p.link) {
+                        let frame = Frame::TakeoverEnd {
+                            client_id: client_id.to_string(),
+                        };
+                        self.send(link, &frame);
+                    }
+                }
+            }
+            self.on_control();
+            self.accept();
+            self.read_links();
+            self.tick();
+            self.flush_links();
+            self.mesh.flush();
+        }
+        self.flush_links();
+    }
+
+    // ------------------------------------------------------------------ I/O plumbing
+
+    pub(super) fn poll_once(&mut self, timeout: Duration) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.mesh.doorbell().raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(l) = &self.listener {
+            fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for link in self.links.iter().flatten() {
+            let mut events = if link.data_waiting { 0 } else { libc::POLLIN };
+            if !link.out.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: link.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        if !self.mesh.park() {
+            return;
+        }
+        // SAFETY: fds is a live array of pollfd of the given length.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
+        self.mesh.unpark();
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut b = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer from our eventfd.
+            unsafe { libc::read(fds[0].fd, b.as_mut_ptr() as *mut libc::c_void, 8) };
+        }
+    }
+
+    pub(super) fn accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let mut accepted = Vec::new();
+        while let Ok((stream, addr)) = l.accept() {
+            accepted.push((stream, addr));
+        }
+        for (stream, addr) in accepted {
+            let handshaking = self
+                .links
+                .iter()
+                .flatten()
+                .filter(|l| !l.authed && !l.dialed)
+                .count();
+            if handshaking >= HANDSHAKES_MAX {
+                // Closed at once: unauthenticated links cannot pile up.
+                drop(stream);
+                self.refused_accepts += 1;
+                if self
+                    .refused_logged
+                    .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL)
+                {
+                    log::warn!(
+                        "cluster: refused {} link(s): {HANDSHAKES_MAX} links are already in \
+                         their handshake (last from {addr})",
+                        self.refused_accepts
+                    );
+                    self.refused_accepts = 0;
+                    self.refused_logged = Some(Instant::now());
+                }
+                continue;
+            }
+            if let Err(e) = self.add_link(stream, addr.to_string(), Some(addr.ip()), false) {
+                log::warn!("cluster: link from {addr} dropped: {e}");
+            }
+        }
+    }
+
+    pub(super) fn add_link(
+        &mut self,
+        stream: TcpStream,
+        peer_addr: String,
+        remote_ip: Option<IpAddr>,
+        dialed: bool,
+    ) -> std::io::Result<usize> {
+        let nonce = fresh_nonce()
+            .map_err(|e| std::io::Error::other(format!("no random nonce from the OS: {e}")))?;
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.set_nodelay(true);
+        let link = Link {
+            stream,
+            reader: FrameReader::with_max(HANDSHAKE_FRAME_MAX_BYTES),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            nonce,
+            peer_nonce: None,
+            dialed,
+            remote_ip,
+            peer_name: None,
+            peer_addr,
+            authed: false,
+            hello_seen: false,
+            started: Instant::now(),
+            last_rx: Instant::now(),
+            closed: false,
+            data_shard: None,
+            data_out: false,
+            data_waiting: false,
+        };
+        let idx = match self.links.iter().position(|l| l.is_none()) {
+            Some(i) => {
+                self.links[i] = Some(link);
+                i
+            }
+            None => {
+                self.links.push(Some(link));
+                self.links.len() - 1
+            }
+        };
+        let hello = Frame::Hello {
+            version: CLUSTER_PROTOCOL_VERSION,
+            node: self.node.clone(),
+            cluster_addr: self.advertised.clone(),
+            nonce,
+            started_ms: self.started_ms,
+        };
+        self.send(idx, &hello);
+        Ok(idx)
+    }
+
+    /// Queues a frame on a link. Past [`LINK_OUT_MAX_BYTES`] the peer is not reading: the
+    /// link is closed instead of queueing more.
+    pub(super) fn send(&mut self, link: usize, frame: &Frame) {
+        frame.encode(&mut self.scratch);
+        let bytes = self.scratch.split().freeze();
+        if let Some(l) = self
+            .links
+            .get_mut(link)
+            .and_then(|l| l.as_mut())
+            .filter(|l| !l.closed)
+        {
+            l.out_bytes += bytes.len();
+            l.out.push_back(bytes);
+            if l.out_bytes > LINK_OUT_MAX_BYTES {
+                log::warn!(
+                    "cluster: {} does not read its link ({} bytes queued); closing it",
+                    shown(l.peer_name.as_deref().unwrap_or(&l.peer_addr)),
+                    l.out_bytes
+                );
+                l.closed = true;
+            }
+        }
+    }
+
+    pub(super) fn read_links(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        for i in 0..self.links.len() {
+            let mut error = None;
+            let mut budget = READ_BUDGET_BYTES;
+            loop {
+                // Decode what is buffered before reading more, so a link never holds more
+                // than one partial frame (bounded by the reader's maximum) plus one read.
+                // One frame at a time: a frame can hand the socket (and the bytes after it)
+                // to a shard, or park it.
+                while let Some(link) = self.links[i]
+                    .as_mut()
+                    .filter(|l| !l.closed && !l.data_waiting)
+                {
+                    match link.reader.next_frame() {
+                        Ok(Some(f)) => self.on_frame(i, f),
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::warn!(
+                                "cluster: bad frame from {}: {e}; closing link",
+                                shown(&link.peer_addr)
+                            );
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                if error.is_some() || budget == 0 {
+                    break;
+                }
+                let Some(link) = self.links[i]
+                    .as_mut()
+                    .filter(|l| !l.closed && !l.data_waiting)
+                else {
+                    break;
+                };
+                debug_assert!(link.reader.buffered() <= FRAME_MAX_BYTES + 4);
+                match link.stream.read(&mut buf[..budget.min(64 * 1024)]) {
+                    Ok(0) => {
+                        error = Some("closed by peer".to_string());
+                        break;
+                    }
+                    Ok(n) => {
+                        link.last_rx = Instant::now();
+                        link.reader.extend(&buf[..n]);
+                        budget -= n;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = error {
+                self.close_link(i, &e);
+            }
+        }
+        for i in 0..self.links.len() {
+            if self.links[i].as_ref().is_some_and(|l| l.closed) {
+                self.close_link(i, "closed");
+            }
+        }
+    }
+
+    pub(super) fn flush_links(&mut self) {
+        for i in 0..self.links.len() {
+            let mut failed = None;
+            if let Some(link) = self.links[i].as_mut() {
+                while !link.out.is_empty() {
+                    let slices: Vec<std::io::IoSlice> = link
+                        .out
+                        .iter()
+                        .take(64)
+                        .map(|b| std::io::IoSlice::new(b))
+                        .collect();
+                    Metrics::add(&self.metrics.metrics.cluster_link_writes, 1);
+                    match link.stream.write_vectored(&slices) {
+                        Ok(0) => {
+                            failed = Some("write returned 0".to_string());
+                            break;
+                        }
+                        Ok(mut n) => {
+                            link.out_bytes -= n;
+                            while n > 0 {
+                                let front =
+                                    link.out.front_mut().expect("written bytes were queued");
+                                if front.len() <= n {
+                                    n -= front.len();
+                                    link.out.pop_front();
+                                } else {
+                                    let _ = front.split_to(n);
+                                    n = 0;
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                self.close_link(i, &e);
+            }
+        }
+    }
+
+    pub(super) fn close_link(&mut self, idx: usize, why: &str) {
+        let Some(link) = self.links[idx].take() else {
+            return;
+        };
+        let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        let Some(name) = link.peer_name else {
+            log::debug!(
+                "cluster: link from {} closed before handshake: {why}",
+                shown(&link.peer_addr)
+            );
+            return;
+        };
+        let Some(p) = self.peer_index(&name) else {
+            return;
+        };
+        if link.data_out && self.peers[p].state == PeerState::Up {
+            // Our shard's link to this peer could not be set up: start over with the peer.
+            log::warn!("cluster: data link to {name} failed ({why})");
+            if let Some(control) = self.peers[p].link {
+                self.close_link(control, "a data link failed");
+            }
+            return;
+        }
+        if self.peers[p].link == Some(idx) {
+            self.peers[p].link = None;
+            if self.peers[p].state == PeerState::Up {
+                log::warn!("cluster: node {name} is down ({why})");
+                self.peers[p].state = PeerState::Down;
+                self.peers[p].down_since = Instant::now();
+                self.peer_down(p);
+            }
+        }
+    }
+
+    /// Opens a link without waiting for the connection: the `Hello` waits in the out queue
+    /// until the socket is writable, and a connection that never completes is closed with
+    /// the handshake deadline. (A host name is still resolved here, by the system resolver.)
+    pub(super) fn dial(&mut self, addr: &str) -> std::io::Result<usize> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{addr} does not resolve")))?;
+        let s = Socket::new(Domain::for_address(sock), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_nonblocking(true)?;
+        match s.connect(&sock.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        self.add_link(s.into(), addr.to_string(), Some(sock.ip()), true)
+    }
+}

@@ -1,0 +1,267 @@
+//! The link handshake: `Hello` and the mutual HMAC proof of the cookie (`Auth`), the checks
+//! on the peer's name and address, a control link coming up (full route, retained and member
+//! sync), and a data link handed to its shard once authenticated. Frames of an
+//! authenticated control link go on to [`Cluster::on_peer_frame`].
+
+use super::*;
+
+impl Cluster {
+    pub(super) fn on_frame(&mut self, link: usize, frame: Frame) {
+        let (authed, hello_seen) = match &self.links[link] {
+            Some(l) => (l.authed, l.hello_seen),
+            None => return,
+        };
+        match frame {
+            Frame::Hello {
+                version,
+                node,
+                cluster_addr,
+                nonce,
+                ..
+            } => {
+                let l = self.links[link].as_mut().expect("checked above");
+                // A data link we dialled must be answered by the node we dialled it for.
+                let expected = l.dialed && l.peer_name.as_ref().is_some_and(|n| *n != node);
+                if hello_seen
+                    || version != CLUSTER_PROTOCOL_VERSION
+                    || node == self.node
+                    || expected
+                    || !valid_node_name(&node)
+                    || !valid_cluster_addr(&cluster_addr)
+                {
+                    log::warn!(
+                        "cluster: refusing link from {}: bad hello (version {version})",
+                        shown(&node)
+                    );
+                    self.mark_closed(link);
+                    return;
+                }
+                l.hello_seen = true;
+                l.peer_nonce = Some(nonce);
+                let dialed = l.dialed;
+                let ours = l.nonce;
+                l.peer_name = Some(node.clone());
+                l.peer_addr = cluster_addr;
+                if dialed {
+                    // The dialler proves first; the acceptor answers only a valid proof.
+                    let t = Transcript {
+                        dialer: &self.node,
+                        dialer_nonce: &ours,
+                        acceptor: &node,
+                        acceptor_nonce: &nonce,
+                    };
+                    let proof = handshake_proof(&self.cfg.cookie, Role::Dialer, &t);
+                    self.send(link, &Frame::Auth { proof });
+                }
+            }
+            Frame::Auth { proof } => {
+                let l = self.links[link].as_ref().expect("checked above");
+                let verified = match (&l.peer_name, &l.peer_nonce) {
+                    (Some(peer), Some(theirs)) if hello_seen && !authed => {
+                        let (t, peer_role) = if l.dialed {
+                            let t = Transcript {
+                                dialer: &self.node,
+                                dialer_nonce: &l.nonce,
+                                acceptor: peer,
+                                acceptor_nonce: theirs,
+                            };
+                            (t, Role::Acceptor)
+                        } else {
+                            let t = Transcript {
+                                dialer: peer,
+                                dialer_nonce: theirs,
+                                acceptor: &self.node,
+                                acceptor_nonce: &l.nonce,
+                            };
+                            (t, Role::Dialer)
+                        };
+                        verify_proof(&self.cfg.cookie, peer_role, &t, &proof).then(|| {
+                            // Our answer, computed only now that the dialler has proven.
+                            (!l.dialed)
+                                .then(|| handshake_proof(&self.cfg.cookie, Role::Acceptor, &t))
+                        })
+                    }
+                    _ => None,
+                };
+                let Some(answer) = verified else {
+                    log::warn!(
+                        "cluster: refusing link from {} ({}): wrong cookie",
+                        shown(l.peer_name.as_deref().unwrap_or("?")),
+                        shown(&l.peer_addr)
+                    );
+                    self.mark_closed(link);
+                    return;
+                };
+                let peer = l.peer_name.clone().expect("verified after hello");
+                if !self.cfg.allow_node_name_mismatch {
+                    let ip = l.remote_ip;
+                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip)) {
+                        log::warn!(
+                            "cluster: refusing node {peer}: its link comes from {}, not the \
+                             host of its name (cluster.allow_node_name_mismatch = false)",
+                            ip.map(|ip| ip.to_string()).unwrap_or_default()
+                        );
+                        self.mark_closed(link);
+                        return;
+                    }
+                }
+                let l = self.links[link].as_mut().expect("checked above");
+                l.authed = true;
+                l.reader.set_max(FRAME_MAX_BYTES);
+                if let Some(proof) = answer {
+                    self.send(link, &Frame::Auth { proof });
+                }
+                let l = self.links[link].as_ref().expect("checked above");
+                if l.data_shard.is_some() {
+                    self.data_link_ready(link);
+                } else {
+                    self.link_up(link);
+                }
+            }
+            Frame::DataLink { shard } => {
+                let l = self.links[link].as_mut().expect("checked above");
+                if !hello_seen || authed || l.dialed || l.data_shard.is_some() {
+                    log::warn!("cluster: unexpected data-link frame; closing link");
+                    self.mark_closed(link);
+                    return;
+                }
+                l.data_shard = Some(shard);
+            }
+            _ if !authed => {
+                log::warn!("cluster: frame before handshake; closing link");
+                self.mark_closed(link);
+            }
+            f => self.on_peer_frame(link, f),
+        }
+    }
+
+    pub(super) fn mark_closed(&mut self, link: usize) {
+        if let Some(l) = self.links[link].as_mut() {
+            l.closed = true;
+        }
+    }
+
+    pub(super) fn link_up(&mut self, link: usize) {
+        let (name, addr) = {
+            let l = self.links[link].as_ref().expect("link exists");
+            (
+                l.peer_name.clone().expect("hello seen"),
+                l.peer_addr.clone(),
+            )
+        };
+        let Some(p) = self.peer_entry(&name, &addr) else {
+            self.mark_closed(link);
+            return;
+        };
+        if self.peers[p].state == PeerState::Up && self.peers[p].link.is_some() {
+            // Both sides dialled at once: keep the link dialled by the smaller name.
+            let keep_new = self.node < name;
+            let old = self.peers[p].link.expect("up peer has a link");
+            let (close, keep) = if keep_new { (old, link) } else { (link, old) };
+            self.peers[p].link = Some(keep);
+            if let Some(l) = self.links[close].as_mut() {
+                l.peer_name = None;
+                l.closed = true;
+            }
+            return;
+        }
+        log::info!("cluster: node {name} is up ({addr})");
+        self.peers[p].state = PeerState::Up;
+        self.peers[p].link = Some(link);
+        self.peers[p].routes.clear();
+        self.peers[p].epoch = self.peers[p].epoch.wrapping_add(1);
+        self.control.peers_up.fetch_add(1, Ordering::Relaxed);
+        self.save_members();
+        let members = self.member_list();
+        self.send(link, &Frame::Members { members });
+        let filters: Vec<String> = self.local_routes.iter().cloned().collect();
+        let seq = self.route_seq;
+        self.send(link, &Frame::RouteSnapshot { seq, filters });
+        let retained: Vec<Arc<Message>> = self.retained.values().cloned().collect();
+        for m in retained {
+            let msg = to_wire(&m);
+            self.send(link, &Frame::Retain { msg });
+        }
+        self.send_heartbeat(link);
+        // Our shards' data links to it, and its data links that arrived before this one.
+        for shard in 0..self.mesh.shards() {
+            match self.dial(&addr) {
+                Ok(d) => {
+                    self.send(
+                        d,
+                        &Frame::DataLink {
+                            shard: shard as u16,
+                        },
+                    );
+                    let l = self.links[d].as_mut().expect("just dialled");
+                    l.data_shard = Some(shard as u16);
+                    l.data_out = true;
+                    l.peer_name = Some(name.clone());
+                }
+                Err(e) => {
+                    log::warn!("cluster: cannot open a data link to {name}: {e}");
+                    self.mark_closed(link);
+                    return;
+                }
+            }
+        }
+        let waiting: Vec<usize> = (0..self.links.len())
+            .filter(|&i| {
+                self.links[i].as_ref().is_some_and(|l| {
+                    l.data_waiting && l.peer_name.as_deref() == Some(name.as_str())
+                })
+            })
+            .collect();
+        for i in waiting {
+            self.data_link_ready(i);
+        }
+    }
+
+    /// An authenticated data link: hand it to its shard once its peer is up (an inbound one
+    /// may arrive before the peer's control link is up here; it waits, unread).
+    pub(super) fn data_link_ready(&mut self, link: usize) {
+        let (name, shard, outbound) = {
+            let l = self.links[link].as_ref().expect("link exists");
+            (
+                l.peer_name.clone().expect("hello seen"),
+                l.data_shard.expect("a data link"),
+                l.data_out,
+            )
+        };
+        let peer = self
+            .peer_index(&name)
+            .filter(|&p| self.peers[p].state == PeerState::Up);
+        let Some(p) = peer else {
+            if outbound {
+                self.mark_closed(link);
+            } else if let Some(l) = self.links[link].as_mut() {
+                l.data_waiting = true;
+            }
+            return;
+        };
+        let mut l = self.links[link].take().expect("link exists");
+        let _ = l.stream.set_nodelay(true);
+        // What the handshake left unwritten goes out first, from the shard.
+        let unsent: Vec<Bytes> = l.out.drain(..).collect();
+        let received = l.reader.take_buffered();
+        let target = if outbound {
+            shard as usize
+        } else {
+            shard as usize % self.mesh.shards()
+        };
+        let attach = crate::mesh::LinkAttach {
+            node: p as u8,
+            epoch: self.peers[p].epoch,
+            fd: std::os::fd::OwnedFd::from(l.stream),
+            outbound,
+            unsent,
+            received,
+        };
+        log::debug!(
+            "cluster: data link {} {name} (shard {shard}) goes to shard {target}",
+            if outbound { "to" } else { "from" }
+        );
+        self.mesh
+            .send(target, MeshMsg::LinkAttach(Box::new(attach)));
+    }
+}
