@@ -50,9 +50,7 @@ use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QUERY_METRICS};
-// `pub(crate)`: the shards still name it by this path.
-pub(crate) use crate::peer_input::valid_peer_topic;
-use crate::peer_input::{valid_peer_filter, MQTT_STRING_MAX_BYTES};
+use crate::peer_input::{valid_peer_filter, valid_peer_topic, MQTT_STRING_MAX_BYTES};
 use crate::wire::{from_wire, to_wire};
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{

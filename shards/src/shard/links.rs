@@ -1,0 +1,202 @@
+//! Cluster data links: the sockets to other nodes' shards, handed over by the cluster thread,
+//! read into forwarded messages and written once per turn; when a link's output backs up,
+//! the shard pauses reading its clients (`park`) until the links drain (`resume`).
+
+use super::*;
+
+impl Shard {
+    pub(super) fn on_link_attach(&mut self, a: LinkAttach) {
+        let node = a.node;
+        let (slot, gen) = self
+            .links
+            .attach(node, a.epoch, a.fd, a.outbound, a.unsent, &a.received);
+        let fd = self
+            .links
+            .get_mut(slot, gen)
+            .and_then(|l| l.raw_fd())
+            .expect("attached with a socket");
+        log::debug!(
+            "shard {}: data link {} node {node} attached",
+            self.id,
+            if a.outbound { "to" } else { "from" }
+        );
+        self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+        if !a.received.is_empty() {
+            self.link_frames(slot, gen);
+        }
+    }
+
+    pub(super) fn on_link_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
+        // Given back to the pool when dropped, whatever the result.
+        let buf = c.take_buffer();
+        let Some(link) = self.links.get_mut(slot, gen) else {
+            return;
+        };
+        if c.result > 0 {
+            if let Some(buf) = buf {
+                link.reader.extend(buf.bytes());
+            }
+            if !self.link_frames(slot, gen) {
+                return;
+            }
+        } else if c.result == 0 || (c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED) {
+            self.link_lost(slot, "closed by peer");
+            return;
+        }
+        if !c.more() {
+            if let Some(fd) = self.links.get_mut(slot, gen).and_then(|l| l.raw_fd()) {
+                self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+            }
+        }
+    }
+
+    /// Routes every complete frame received on a link; false if the link was closed.
+    fn link_frames(&mut self, slot: u32, gen: u32) -> bool {
+        loop {
+            let Some(link) = self.links.get_mut(slot, gen) else {
+                return false;
+            };
+            let node = link.node;
+            match link.reader.next_frame() {
+                Ok(None) => return true,
+                Ok(Some(Frame::Publish {
+                    msg,
+                    normal,
+                    shared,
+                })) => {
+                    // A peer's topic is checked as a client's PUBLISH topic (MQTT-3.3.2-2).
+                    if !crate::peer_input::valid_peer_topic(&msg.topic, self.cfg().max_topic_levels)
+                    {
+                        log::warn!(
+                            "shard {}: node {node} forwarded a message with an invalid topic; \
+                             dropped",
+                            self.id
+                        );
+                        continue;
+                    }
+                    let Some(msg) = from_wire(msg) else { continue };
+                    let shared = shared.into_iter().map(Arc::from).collect();
+                    self.route_with(msg, normal, Some(shared));
+                }
+                Ok(Some(_)) => {
+                    log::warn!(
+                        "shard {}: unexpected frame on a data link from node {node}",
+                        self.id
+                    );
+                    self.link_lost(slot, "unexpected frame");
+                    return false;
+                }
+                Err(e) => {
+                    log::warn!("shard {}: bad frame from node {node}: {e}", self.id);
+                    self.link_lost(slot, "bad frame");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Drops a failed link and tells the cluster thread, which takes the peer down; its
+    /// links are set up anew when it comes back.
+    fn link_lost(&mut self, slot: u32, why: &str) {
+        let Some(link) = self.links.remove(slot) else {
+            return;
+        };
+        log::info!(
+            "shard {}: data link with node {} lost: {why}",
+            self.id,
+            link.node
+        );
+        let cluster = self.mesh.cluster();
+        self.mesh.send(
+            cluster,
+            MeshMsg::ClusterLinkLost {
+                node: link.node,
+                epoch: link.epoch,
+            },
+        );
+    }
+
+    /// Writes every link with queued frames (one `writev` per link per turn, more only when
+    /// a batch exceeds the iovec limit), then applies backpressure.
+    pub(super) fn flush_links(&mut self) {
+        let dirty = std::mem::take(&mut self.links.dirty);
+        let mut writes = 0;
+        for &slot in &dirty {
+            let Some((gen, link)) = self.links.get_slot(slot) else {
+                continue;
+            };
+            let Some(fd) = link.raw_fd() else { continue };
+            if link.write_blocked || link.out.is_empty() {
+                continue;
+            }
+            match write_queue::<LINK_IOV_MAX>(fd, &mut link.out, &mut link.out_bytes, &mut writes) {
+                Ok(true) => {}
+                Ok(false) => {
+                    link.write_blocked = true;
+                    self.ring
+                        .poll_writable_as(fd, Token::LinkWritable { slot, gen });
+                }
+                Err(e) => self.link_lost(slot, &e.to_string()),
+            }
+        }
+        Metrics::add(&self.shared.metrics.cluster_link_writes, writes);
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.links.dirty.is_empty() {
+            self.links.dirty = dirty;
+        }
+        let limit = self.cfg().cluster.link_buffer_bytes;
+        if !self.paused && self.links.any_above(limit) {
+            self.paused = true;
+            Metrics::add(&self.shared.metrics.cluster_backpressure, 1);
+            self.shared
+                .metrics
+                .cluster_paused_shards
+                .fetch_add(1, Ordering::Relaxed);
+            log::debug!("shard {}: link to a peer is full; pausing clients", self.id);
+        } else if self.paused && !self.links.any_above(limit / 2) {
+            self.resume();
+        }
+    }
+
+    /// Stops reading a connection that delivered bytes while paused. Returns false for
+    /// connections that are not paused (still connecting: their CONNECT is not held up).
+    pub(super) fn park(&mut self, slot: u32, gen: u32, armed: bool) -> bool {
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return false;
+        };
+        if conn.state != ConnState::Active {
+            return false;
+        }
+        if !conn.parked {
+            conn.parked = true;
+            self.parked.push((slot, gen));
+            if armed {
+                self.ring.cancel(Token::Recv { slot, gen });
+            }
+        }
+        true
+    }
+
+    /// Links drained: read the paused connections again, starting with what they had sent.
+    fn resume(&mut self) {
+        self.paused = false;
+        self.shared
+            .metrics
+            .cluster_paused_shards
+            .fetch_sub(1, Ordering::Relaxed);
+        log::debug!("shard {}: links drained; resuming clients", self.id);
+        for (slot, gen) in std::mem::take(&mut self.parked) {
+            let Some(conn) = self.conns.get_mut(slot, gen) else {
+                continue;
+            };
+            conn.parked = false;
+            let fd = conn.raw_fd();
+            let stashed = !conn.partial.is_empty();
+            self.ring.recv_multi(fd, slot, gen);
+            if stashed {
+                self.on_bytes(slot, gen, &[]);
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Timer expiries (accept back-off, lingering sockets, delayed wills, `$SYS`, session expiry
+//! and the end of a session move, keep-alive and CONNECT deadlines), the rows this shard
+//! gives the management API, and the `$SYS` publication.
+
+use super::*;
+
+impl Shard {
+    pub(super) fn on_timer(&mut self, token: u64) {
+        if token == TIMER_ACCEPT {
+            self.ring.accept_multi(self.listener.as_raw_fd());
+            return;
+        }
+        if token == TIMER_LINGER {
+            self.drain_lingering();
+            return;
+        }
+        if token & TIMER_WILL != 0 && token & TIMER_SESSION == 0 {
+            let sidx = (token & !TIMER_WILL) as u32;
+            let now = self.now_ms;
+            let Some(Some(entry)) = self.sessions.get_mut(sidx as usize) else {
+                return;
+            };
+            if entry.conn.is_some() {
+                return;
+            }
+            let due = entry.pending_will.as_ref().map(|p| p.2);
+            match due {
+                Some(at) if at <= now => {
+                    let (will, protocol, _) = *entry.pending_will.take().expect("checked above");
+                    self.publish_will(sidx, will, protocol);
+                }
+                Some(at) => self.timers.schedule(at, token),
+                None => {}
+            }
+            return;
+        }
+        if token == TIMER_SYS {
+            self.publish_sys();
+            let at = self.now_ms + self.cfg().sys_interval_s * 1000;
+            self.timers.schedule(at, TIMER_SYS);
+            return;
+        }
+        if token & TIMER_SESSION != 0 {
+            let sidx = (token & !TIMER_SESSION) as u32;
+            let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
+                return;
+            };
+            if entry.conn.is_some() {
+                return;
+            }
+            if entry.expires_at_ms <= self.now_ms {
+                if let (Some(node), true) = (entry.moving_to, entry.move_ended) {
+                    let client_id = entry.session.client_id.clone();
+                    self.send_tail(sidx, client_id, node);
+                } else if entry.moving_to.is_some() {
+                    log::info!(
+                        "shard {}: session {:?} moved away, but its new node never said it \
+                         routes it; dropping what was queued since",
+                        self.id,
+                        entry.session.client_id
+                    );
+                } else {
+                    log::debug!(
+                        "shard {}: session {:?} expired",
+                        self.id,
+                        entry.session.client_id
+                    );
+                }
+                self.destroy_session(sidx);
+            } else {
+                let at = entry.expires_at_ms;
+                self.timers.schedule(at, token);
+            }
+            return;
+        }
+        let (slot, gen) = (token as u32, (token >> 32) as u32);
+        let now = self.now_ms;
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
+        };
+        // The wheel fires a token anywhere within its tick, possibly a little before the time
+        // it was scheduled for: a token of this tick is the one `timer_ms` stands for.
+        if conn.timer_ms / TICK_MS <= now / TICK_MS {
+            conn.timer_ms = u64::MAX;
+        }
+        if conn.deadline_ms == u64::MAX {
+            return;
+        }
+        if conn.parked {
+            // Not read while paused: its keep-alive counts from when reading resumes.
+            conn.deadline_ms = now + conn.keepalive_ms.max(TICK_MS);
+        }
+        if conn.deadline_ms > now {
+            let at = conn.deadline_ms;
+            if at < conn.timer_ms {
+                conn.timer_ms = at;
+                self.timers.schedule(at, token);
+            }
+            return;
+        }
+        let reason = match conn.state {
+            ConnState::Connecting | ConnState::Resuming => {
+                log::info!("shard {}: CONNECT not completed in time; closing", self.id);
+                ReasonCode::MaximumConnectTime
+            }
+            ConnState::Active => {
+                log::info!("shard {}: keep-alive expired; closing", self.id);
+                ReasonCode::KeepAliveTimeout
+            }
+        };
+        self.close(slot, Close::Error(reason));
+    }
+
+    /// Rows for the management API: this shard's clients (`kind` 1) or subscriptions (2), each
+    /// a JSON object naming the node.
+    pub(super) fn query_rows(&mut self, kind: u8) -> Vec<String> {
+        use crate::json::json_str;
+        let node = json_str(&self.shared.cfg.node_name);
+        let mut rows = Vec::new();
+        for entry in self.sessions.iter().flatten() {
+            let s = &entry.session;
+            let id = json_str(&s.client_id);
+            match kind {
+                1 => rows.push(format!(
+                    "{{\"clientid\":{id},\"node\":{node},\"connected\":{},\"subscriptions\":{},\"inflight\":{},\"queued\":{},\"dropped\":{}}}",
+                    entry.conn.is_some(),
+                    s.subscriptions.len(),
+                    s.inflight_len(),
+                    s.queue_len(),
+                    s.dropped
+                )),
+                _ => {
+                    for sub in &s.subscriptions {
+                        rows.push(format!(
+                            "{{\"clientid\":{id},\"topic\":{},\"qos\":{},\"node\":{node}}}",
+                            json_str(&sub.filter),
+                            sub.options.qos as u8
+                        ));
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    /// Publishes the node's counters under `$SYS/brokers/<node>/` (as EMQX does, not retained).
+    fn publish_sys(&mut self) {
+        let m = &self.shared.metrics;
+        let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        let items: [(&str, String); 12] = [
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("uptime", (self.now_ms / 1000).to_string()),
+            (
+                "clients/connected",
+                m.connections.load(Ordering::Relaxed).to_string(),
+            ),
+            ("clients/disconnected", r(&m.disconnects_total)),
+            ("clients/total", r(&m.connections_total)),
+            ("messages/received", r(&m.messages_received)),
+            ("messages/sent", r(&m.messages_sent)),
+            ("messages/dropped", r(&m.messages_dropped)),
+            ("bytes/received", r(&m.bytes_received)),
+            ("bytes/sent", r(&m.bytes_sent)),
+            (
+                "subscriptions/count",
+                m.subscriptions.load(Ordering::Relaxed).max(0).to_string(),
+            ),
+            ("retained/count", self.retained.len().to_string()),
+        ];
+        // Drops per reason: messages/dropped/queue_full, ... (the figure names, shortened).
+        let reasons: Vec<(String, String)> = m
+            .figures()
+            .into_iter()
+            .filter_map(|(name, _, value, _)| {
+                let reason = name
+                    .strip_prefix("messages_dropped_")?
+                    .strip_suffix("_total")?;
+                Some((format!("messages/dropped/{reason}"), value.to_string()))
+            })
+            .collect();
+        let prefix = format!("$SYS/brokers/{}/", self.cfg().node_name);
+        let publisher: Arc<str> = "$SYS".into();
+        let items = items
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .chain(reasons);
+        for (name, value) in items {
+            let msg = Message {
+                topic: format!("{prefix}{name}").into(),
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: None,
+                publisher: publisher.clone(),
+                expires_at: None,
+                id: 0,
+            };
+            self.route(Arc::new(msg));
+        }
+    }
+}
