@@ -307,6 +307,11 @@ impl MeshEndpoint {
         self.overflow[to].len()
     }
 
+    /// The longest local overflow towards any one destination, in messages.
+    pub fn max_backlog(&self) -> usize {
+        self.overflow.iter().map(VecDeque::len).max().unwrap_or(0)
+    }
+
     /// Moves overflow into the queues and rings the shards that were sent to and are asleep.
     /// Returns true if some overflow is still waiting (the caller must not sleep long).
     pub fn flush(&mut self) -> bool {
@@ -399,6 +404,26 @@ mod tests {
             }
         }
         assert!(!a.flush());
+    }
+
+    #[test]
+    fn max_backlog_is_the_longest_overflow_and_shrinks_as_it_drains() {
+        let mut mesh = build(2).unwrap();
+        let (a, rest) = mesh.split_at_mut(1);
+        let a = &mut a[0];
+        assert_eq!(a.max_backlog(), 0);
+        let mut sent = 0u64;
+        while a.backlog(1) < 10 {
+            a.send(1, MeshMsg::RouteAck { token: sent });
+            sent += 1;
+        }
+        a.send(2, MeshMsg::RouteAck { token: 0 });
+        assert_eq!(a.max_backlog(), 10, "towards shard 1, the longer one");
+        // The receiver drains its queue; the sender's flush moves the overflow in.
+        let mut got = Vec::new();
+        rest[0].recv(usize::MAX, &mut got);
+        a.flush();
+        assert_eq!(a.max_backlog(), 0);
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub struct Metrics {
     pub cluster_dropped: AtomicU64,
     /// Times a shard paused reading its clients because a link to a peer was full.
     pub cluster_backpressure: AtomicU64,
-    /// Shards currently paused by cluster backpressure (a gauge).
+    /// Times a shard paused reading its clients because messages for another shard backed up.
+    pub mesh_backpressure: AtomicU64,
+    /// Shards currently paused by backpressure, a full cluster link or a mesh backlog (a gauge).
     pub cluster_paused_shards: AtomicI64,
 }
 
@@ -260,8 +262,14 @@ impl Metrics {
                 true,
             ),
             (
+                "mesh_backpressure_total",
+                "Times a shard paused its clients for a mesh backlog",
+                c(&self.mesh_backpressure),
+                true,
+            ),
+            (
                 "cluster_paused_shards",
-                "Shards paused by cluster backpressure",
+                "Shards paused by backpressure (full link or mesh backlog)",
                 self.cluster_paused_shards.load(Ordering::Relaxed),
                 false,
             ),

@@ -70,8 +70,14 @@ const RECV_BUFFER_BYTES: usize = 4096;
 /// Mesh messages handled per turn before looking at sockets again.
 const MESH_BUDGET: usize = 4096;
 /// Mesh overflow towards one shard beyond which QoS 0 messages to it are dropped (counted), so
-/// a publisher flood cannot grow memory without bound; QoS 1/2 are still carried.
+/// a flood from sources that are not paused (data links, mesh traffic) cannot grow memory
+/// without bound; QoS 1/2 are still carried.
 const MESH_QOS0_DROP_BACKLOG: usize = 65_536;
+/// Messages waiting in local overflow towards one shard past which this shard stops reading
+/// its clients (QoS 1/2 are never dropped on the mesh, so this is their bound) ...
+const MESH_BACKLOG_PAUSE: usize = 32_768;
+/// ... and at or below which it reads them again.
+const MESH_BACKLOG_RESUME: usize = 8_192;
 /// Connections beyond `max_connections` held open only to send the refusal.
 const OVER_QUOTA_SLACK: usize = 1024;
 /// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
@@ -342,6 +348,7 @@ impl Shard {
             self.flush_conns();
             self.flush_links();
             let backlog = self.mesh.flush();
+            self.apply_backpressure();
             let wait = !busy
                 && !backlog
                 && !self.sub_jobs.has_work()

@@ -145,16 +145,34 @@ impl Shard {
         if self.links.dirty.is_empty() {
             self.links.dirty = dirty;
         }
+    }
+
+    /// Pauses reading the shard's clients while a cluster link or a mesh queue towards
+    /// another shard is backed up, and resumes once both have drained to half (hysteresis).
+    /// This is what bounds QoS 1/2 messages waiting to cross to another shard or node: they
+    /// are never dropped, so their publishers wait instead (QoS 0 is dropped past
+    /// `MESH_QOS0_DROP_BACKLOG`, which the pause keeps out of reach for client traffic).
+    pub(super) fn apply_backpressure(&mut self) {
         let limit = self.cfg().cluster.link_buffer_bytes;
-        if !self.paused && self.links.any_above(limit) {
+        let backlog = self.mesh.max_backlog();
+        let links_full = self.links.any_above(limit);
+        let mesh_full = backlog > MESH_BACKLOG_PAUSE;
+        let drained = !self.links.any_above(limit / 2) && backlog <= MESH_BACKLOG_RESUME;
+        if !self.paused && (links_full || mesh_full) {
             self.paused = true;
-            Metrics::add(&self.shared.metrics.cluster_backpressure, 1);
-            self.shared
-                .metrics
-                .cluster_paused_shards
-                .fetch_add(1, Ordering::Relaxed);
-            log::debug!("shard {}: link to a peer is full; pausing clients", self.id);
-        } else if self.paused && !self.links.any_above(limit / 2) {
+            let m = &self.shared.metrics;
+            if links_full {
+                Metrics::add(&m.cluster_backpressure, 1);
+                log::debug!("shard {}: link to a peer is full; pausing clients", self.id);
+            } else {
+                Metrics::add(&m.mesh_backpressure, 1);
+                log::debug!(
+                    "shard {}: {backlog} messages wait for another shard; pausing clients",
+                    self.id
+                );
+            }
+            m.cluster_paused_shards.fetch_add(1, Ordering::Relaxed);
+        } else if self.paused && drained {
             self.resume();
         }
     }
