@@ -80,16 +80,24 @@ const MESH_BACKLOG_PAUSE: usize = 32_768;
 const MESH_BACKLOG_RESUME: usize = 8_192;
 /// Connections beyond `max_connections` held open only to send the refusal.
 const OVER_QUOTA_SLACK: usize = 1024;
-/// Timer tokens for sessions have this bit set; connection tokens are `gen << 32 | slot`.
-const TIMER_SESSION: u64 = 1 << 63;
-/// Timer token of the `$SYS` publication (shard 0 only).
-const TIMER_SYS: u64 = 1 << 62;
-/// Timer tokens of delayed wills have this bit set (with the session index).
-const TIMER_WILL: u64 = 1 << 61;
-/// Timer token that re-arms accepting after the process ran out of descriptors.
-const TIMER_ACCEPT: u64 = 1 << 60;
-/// Timer token that drains lingering sockets.
-const TIMER_LINGER: u64 = 1 << 59;
+/// What a timer of the shard's wheel is for (the wheel only says "look at it now"; the
+/// object's own deadline decides). An enum, not bit flags over a connection's `gen << 32 |
+/// slot`: a generation past 2^27 would have set a flag bit and lost that connection's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerToken {
+    /// A connection's CONNECT or keep-alive deadline.
+    Conn { slot: u32, gen: u32 },
+    /// An offline session's expiry, or the end of its move to another node.
+    Session(u32),
+    /// A delayed will of an offline session.
+    Will(u32),
+    /// The `$SYS` publication (shard 0 only).
+    Sys,
+    /// Accepting again after the process ran out of descriptors.
+    Accept,
+    /// Draining lingering sockets.
+    Linger,
+}
 /// Pause before accepting again after EMFILE/ENFILE (the failed connection waits in the
 /// listen backlog), in ms; re-arming at once spins the shard on the same error.
 const ACCEPT_BACKOFF_MS: u64 = 100;
@@ -234,7 +242,7 @@ pub struct Shard {
     share_rr: u64,
     /// CONNECTs waiting for other nodes' sessions, by takeover token.
     resuming: AHashMap<u64, (u32, u32, Box<Connect>, bool)>,
-    timers: TimerWheel,
+    timers: TimerWheel<TimerToken>,
     /// SUBSCRIBE/UNSUBSCRIBE packets being worked through in slices (`shard/subscribe.rs`).
     sub_jobs: subscribe::SubJobs,
     /// Sessions moved here, waiting for their new routes to reach every shard before the
@@ -321,7 +329,7 @@ impl Shard {
         self.arm_doorbell();
         let sys_interval_ms = self.cfg().sys_interval_s * 1000;
         if self.id == 0 && sys_interval_ms > 0 {
-            self.timers.schedule(sys_interval_ms, TIMER_SYS);
+            self.timers.schedule(sys_interval_ms, TimerToken::Sys);
         }
         let mut completions = Vec::with_capacity(1024);
         let mut mesh_msgs = Vec::with_capacity(1024);
@@ -594,6 +602,12 @@ fn message_from(p: Publish, publisher: Arc<str>, id: u64) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timer_token_fits_its_memory_budget() {
+        // One per connection and per offline session sits in the wheel.
+        assert!(std::mem::size_of::<TimerToken>() <= 12);
+    }
 
     #[test]
     fn session_entry_fits_its_memory_budget() {

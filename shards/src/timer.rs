@@ -1,6 +1,7 @@
 //! A hashed timer wheel with lazy deadlines, for per-connection and per-session timeouts.
 //!
-//! Entries are bare tokens; a fired token only means "look at this object's deadline now".
+//! Entries are small tokens (the owner's enum of what a timer is for); a fired token only
+//! means "look at this object's deadline now".
 //! The owner re-checks the real deadline and re-schedules if it moved, so activity on a
 //! connection never touches the wheel (keep-alive is refreshed by writing one integer).
 
@@ -9,15 +10,15 @@ pub const TICK_MS: u64 = 50;
 const SLOTS: usize = 1024;
 
 /// Tokens bucketed by the tick at which to look at them.
-pub struct TimerWheel {
-    slots: Vec<Vec<u64>>,
+pub struct TimerWheel<T = u64> {
+    slots: Vec<Vec<T>>,
     /// Next tick to fire.
     tick: u64,
 }
 
-impl TimerWheel {
+impl<T> TimerWheel<T> {
     /// A wheel whose first tick is at `now_ms`.
-    pub fn new(now_ms: u64) -> TimerWheel {
+    pub fn new(now_ms: u64) -> TimerWheel<T> {
         TimerWheel {
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             tick: now_ms / TICK_MS,
@@ -26,14 +27,14 @@ impl TimerWheel {
 
     /// Looks at `token` again at `at_ms` (or up to one wheel turn earlier for far deadlines;
     /// the owner re-schedules).
-    pub fn schedule(&mut self, at_ms: u64, token: u64) {
+    pub fn schedule(&mut self, at_ms: u64, token: T) {
         let t = (at_ms / TICK_MS).max(self.tick);
         let t = t.min(self.tick + SLOTS as u64 - 1);
         self.slots[(t % SLOTS as u64) as usize].push(token);
     }
 
     /// Moves every token due by `now_ms` into `out`.
-    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<u64>) {
+    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<T>) {
         let target = now_ms / TICK_MS;
         while self.tick <= target {
             out.append(&mut self.slots[(self.tick % SLOTS as u64) as usize]);

@@ -97,7 +97,8 @@ impl Shard {
         let mut conn = Conn::new(fd, deadline);
         conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);
-        self.timers.schedule(deadline, conn_token(slot, gen));
+        self.timers
+            .schedule(deadline, TimerToken::Conn { slot, gen });
         self.attach(slot, gen, connect, assigned);
         if let Some(conn) = self.conns.get_mut(slot, gen) {
             let fd = conn.raw_fd();
@@ -223,7 +224,7 @@ impl Shard {
             if let Some(sidx) = imported {
                 let at = self.now_ms + keep_ms;
                 self.session_mut(sidx).expires_at_ms = at;
-                self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+                self.timers.schedule(at, TimerToken::Session(sidx));
             }
             return;
         }
@@ -303,7 +304,7 @@ impl Shard {
                     let entry = self.session_mut(sidx);
                     entry.moving_to = Some(node);
                     entry.expires_at_ms = at;
-                    self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+                    self.timers.schedule(at, TimerToken::Session(sidx));
                 } else {
                     self.destroy_session(sidx);
                 }
@@ -354,7 +355,7 @@ impl Shard {
         let entry = self.session_mut(sidx);
         entry.move_ended = true;
         entry.expires_at_ms = at;
-        self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+        self.timers.schedule(at, TimerToken::Session(sidx));
     }
 
     /// Sends what a moving session queued to the node it moved to.
@@ -532,7 +533,7 @@ impl Shard {
         if conn.deadline_ms < conn.timer_ms {
             conn.timer_ms = conn.deadline_ms;
             self.timers
-                .schedule(conn.deadline_ms, conn_token(slot, gen));
+                .schedule(conn.deadline_ms, TimerToken::Conn { slot, gen });
         }
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;

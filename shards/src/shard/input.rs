@@ -27,7 +27,8 @@ impl Shard {
                 self.accept_logged_ms = Some(now);
             }
             if !c.more() {
-                self.timers.schedule(now + ACCEPT_BACKOFF_MS, TIMER_ACCEPT);
+                self.timers
+                    .schedule(now + ACCEPT_BACKOFF_MS, TimerToken::Accept);
             }
             return;
         }
@@ -72,7 +73,8 @@ impl Shard {
             .map(|c| c.raw_fd())
             .unwrap_or(-1);
         self.ring.recv_once(raw, slot, gen);
-        self.timers.schedule(deadline, conn_token(slot, gen));
+        self.timers
+            .schedule(deadline, TimerToken::Conn { slot, gen });
     }
 
     pub(super) fn on_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {

@@ -157,7 +157,7 @@ impl Shard {
                 // comes first, and is dropped if the session resumes before.
                 let at = now + (delay_s * 1000).min(entry.expires_at_ms);
                 entry.pending_will = Some(Box::new((*will, protocol, at)));
-                self.timers.schedule(at, TIMER_WILL | sidx as u64);
+                self.timers.schedule(at, TimerToken::Will(sidx));
             } else {
                 self.publish_will(sidx, *will, protocol);
             }
@@ -169,7 +169,7 @@ impl Shard {
             let entry = self.session_mut(sidx);
             let at = now + entry.expires_at_ms;
             entry.expires_at_ms = at;
-            self.timers.schedule(at, TIMER_SESSION | sidx as u64);
+            self.timers.schedule(at, TimerToken::Session(sidx));
         }
     }
 
@@ -187,7 +187,8 @@ impl Shard {
             }
         }
         if self.lingering.is_empty() {
-            self.timers.schedule(self.now_ms + TICK_MS, TIMER_LINGER);
+            self.timers
+                .schedule(self.now_ms + TICK_MS, TimerToken::Linger);
         }
         self.lingering.push_back(Lingering {
             fd,
@@ -237,7 +238,7 @@ impl Shard {
         }
         self.lingering = kept;
         if !self.lingering.is_empty() {
-            self.timers.schedule(now + TICK_MS, TIMER_LINGER);
+            self.timers.schedule(now + TICK_MS, TimerToken::Linger);
         }
     }
 

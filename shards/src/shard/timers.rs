@@ -5,75 +5,76 @@
 use super::*;
 
 impl Shard {
-    pub(super) fn on_timer(&mut self, token: u64) {
-        if token == TIMER_ACCEPT {
-            self.ring.accept_multi(self.listener.as_raw_fd());
-            return;
-        }
-        if token == TIMER_LINGER {
-            self.drain_lingering();
-            return;
-        }
-        if token & TIMER_WILL != 0 && token & TIMER_SESSION == 0 {
-            let sidx = (token & !TIMER_WILL) as u32;
-            let now = self.now_ms;
-            let Some(Some(entry)) = self.sessions.get_mut(sidx as usize) else {
-                return;
-            };
-            if entry.conn.is_some() {
-                return;
+    pub(super) fn on_timer(&mut self, token: TimerToken) {
+        match token {
+            TimerToken::Accept => self.ring.accept_multi(self.listener.as_raw_fd()),
+            TimerToken::Linger => self.drain_lingering(),
+            TimerToken::Will(sidx) => self.on_will_timer(sidx, token),
+            TimerToken::Sys => {
+                self.publish_sys();
+                let at = self.now_ms + self.cfg().sys_interval_s * 1000;
+                self.timers.schedule(at, TimerToken::Sys);
             }
-            let due = entry.pending_will.as_ref().map(|p| p.2);
-            match due {
-                Some(at) if at <= now => {
-                    let (will, protocol, _) = *entry.pending_will.take().expect("checked above");
-                    self.publish_will(sidx, will, protocol);
-                }
-                Some(at) => self.timers.schedule(at, token),
-                None => {}
-            }
+            TimerToken::Session(sidx) => self.on_session_timer(sidx, token),
+            TimerToken::Conn { slot, gen } => self.on_conn_timer(slot, gen, token),
+        }
+    }
+
+    /// A delayed will is due, unless its client came back.
+    fn on_will_timer(&mut self, sidx: u32, token: TimerToken) {
+        let now = self.now_ms;
+        let Some(Some(entry)) = self.sessions.get_mut(sidx as usize) else {
+            return;
+        };
+        if entry.conn.is_some() {
             return;
         }
-        if token == TIMER_SYS {
-            self.publish_sys();
-            let at = self.now_ms + self.cfg().sys_interval_s * 1000;
-            self.timers.schedule(at, TIMER_SYS);
+        let due = entry.pending_will.as_ref().map(|p| p.2);
+        match due {
+            Some(at) if at <= now => {
+                let (will, protocol, _) = *entry.pending_will.take().expect("checked above");
+                self.publish_will(sidx, will, protocol);
+            }
+            Some(at) => self.timers.schedule(at, token),
+            None => {}
+        }
+    }
+
+    /// An offline session expired, or its move to another node ended.
+    fn on_session_timer(&mut self, sidx: u32, token: TimerToken) {
+        let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
+            return;
+        };
+        if entry.conn.is_some() {
             return;
         }
-        if token & TIMER_SESSION != 0 {
-            let sidx = (token & !TIMER_SESSION) as u32;
-            let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
-                return;
-            };
-            if entry.conn.is_some() {
-                return;
-            }
-            if entry.expires_at_ms <= self.now_ms {
-                if let (Some(node), true) = (entry.moving_to, entry.move_ended) {
-                    let client_id = entry.session.client_id.clone();
-                    self.send_tail(sidx, client_id, node);
-                } else if entry.moving_to.is_some() {
-                    log::info!(
-                        "shard {}: session {:?} moved away, but its new node never said it \
-                         routes it; dropping what was queued since",
-                        self.id,
-                        entry.session.client_id
-                    );
-                } else {
-                    log::debug!(
-                        "shard {}: session {:?} expired",
-                        self.id,
-                        entry.session.client_id
-                    );
-                }
-                self.destroy_session(sidx);
+        if entry.expires_at_ms <= self.now_ms {
+            if let (Some(node), true) = (entry.moving_to, entry.move_ended) {
+                let client_id = entry.session.client_id.clone();
+                self.send_tail(sidx, client_id, node);
+            } else if entry.moving_to.is_some() {
+                log::info!(
+                    "shard {}: session {:?} moved away, but its new node never said it \
+                     routes it; dropping what was queued since",
+                    self.id,
+                    entry.session.client_id
+                );
             } else {
-                let at = entry.expires_at_ms;
-                self.timers.schedule(at, token);
+                log::debug!(
+                    "shard {}: session {:?} expired",
+                    self.id,
+                    entry.session.client_id
+                );
             }
-            return;
+            self.destroy_session(sidx);
+        } else {
+            let at = entry.expires_at_ms;
+            self.timers.schedule(at, token);
         }
-        let (slot, gen) = (token as u32, (token >> 32) as u32);
+    }
+
+    /// A connection's CONNECT or keep-alive deadline may have passed.
+    fn on_conn_timer(&mut self, slot: u32, gen: u32, token: TimerToken) {
         let now = self.now_ms;
         let Some(conn) = self.conns.get_mut(slot, gen) else {
             return;
