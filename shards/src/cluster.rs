@@ -49,7 +49,7 @@ use crate::json::{flat_json_object, json_str};
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QUERY_METRICS};
+use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QueryKind};
 use crate::peer_input::{valid_peer_filter, valid_peer_topic, MQTT_STRING_MAX_BYTES};
 use crate::wire::{from_wire, to_wire};
 use bytes::{Bytes, BytesMut};

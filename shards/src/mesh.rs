@@ -138,7 +138,10 @@ pub enum MeshMsg {
         messages: Vec<Arc<Message>>,
     },
     /// Cluster → every shard: list this shard's clients (`kind` 1) or subscriptions (2).
-    Query { token: u64, kind: u8 },
+    Query {
+        token: u64,
+        kind: crate::node_shared::QueryKind,
+    },
     /// Shard → cluster: the rows of a `Query`, one JSON object each.
     QueryReply { token: u64, rows: Vec<String> },
 }

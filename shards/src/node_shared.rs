@@ -22,17 +22,45 @@ pub struct NodeShared {
     pub cluster_bell: Arc<crate::mesh::Doorbell>,
 }
 
-/// Query kind: every node's figures (one [`crate::metrics::Metrics::json`] row per node).
-pub const QUERY_METRICS: u8 = 4;
+/// What a management query lists. Its wire value is the `kind` byte of a cluster
+/// `Frame::Query`; a peer's unknown value is refused by [`QueryKind::from_wire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryKind {
+    /// Every client session of every node (one JSON row each).
+    Clients = 1,
+    /// Every subscription of every node.
+    Subscriptions = 2,
+    /// The cluster thread's route table (this node's and its peers', answered locally).
+    Routes = 3,
+    /// Every node's figures (one [`crate::metrics::Metrics::json`] row per node).
+    Metrics = 4,
+}
+
+impl QueryKind {
+    /// The kind a peer asked for; `None` for a value no version of shardmq sends.
+    pub fn from_wire(b: u8) -> Option<QueryKind> {
+        match b {
+            1 => Some(QueryKind::Clients),
+            2 => Some(QueryKind::Subscriptions),
+            3 => Some(QueryKind::Routes),
+            4 => Some(QueryKind::Metrics),
+            _ => None,
+        }
+    }
+
+    /// The byte sent in `Frame::Query`.
+    pub fn wire(self) -> u8 {
+        self as u8
+    }
+}
 
 /// A management request to the cluster thread; the answer (JSON) goes back on `reply`.
 pub enum ControlCmd {
     Join(String, mpsc::Sender<Result<String, String>>),
     Leave(mpsc::Sender<Result<String, String>>),
     Status(mpsc::Sender<Result<String, String>>),
-    /// Cluster-wide listing: 1 clients, 2 subscriptions, 3 routes, 4 (`QUERY_METRICS`) every
-    /// node's figures (a JSON array).
-    Query(u8, mpsc::Sender<Result<String, String>>),
+    /// Cluster-wide listing of one [`QueryKind`] (a JSON array).
+    Query(QueryKind, mpsc::Sender<Result<String, String>>),
 }
 
 /// What the management API shares with the cluster thread.
@@ -68,5 +96,19 @@ mod tests {
             counts[home_shard(&format!("c{i}"), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn query_kinds_round_trip_and_unknown_bytes_are_refused() {
+        for k in [
+            QueryKind::Clients,
+            QueryKind::Subscriptions,
+            QueryKind::Routes,
+            QueryKind::Metrics,
+        ] {
+            assert_eq!(QueryKind::from_wire(k.wire()), Some(k));
+        }
+        assert_eq!(QueryKind::from_wire(0), None);
+        assert_eq!(QueryKind::from_wire(5), None);
     }
 }

@@ -22,7 +22,7 @@ use crate::link::{Links, LINK_IOV_MAX};
 use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
-use crate::node_shared::{home_shard, NodeShared};
+use crate::node_shared::{home_shard, NodeShared, QueryKind};
 use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
 use crate::shard_set::ShardSet;

@@ -7,7 +7,7 @@
 //! listings.
 
 use shardmq_shards::metrics::{self, Figure};
-use shardmq_shards::node_shared::{ControlCmd, QUERY_METRICS};
+use shardmq_shards::node_shared::{ControlCmd, QueryKind};
 use shardmq_shards::NodeShared;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -47,11 +47,15 @@ pub fn answer(shared: &NodeShared, method: &str, path: &str, query: &str) -> Rep
         },
         ("POST", "/api/v5/cluster/leave") => reply(cluster_cmd(shared, ControlCmd::Leave)),
         // Cluster-wide listings: every node's shards answer through the cluster thread.
-        ("GET", "/api/v5/clients") => reply(cluster_cmd(shared, |tx| ControlCmd::Query(1, tx))),
-        ("GET", "/api/v5/subscriptions") => {
-            reply(cluster_cmd(shared, |tx| ControlCmd::Query(2, tx)))
-        }
-        ("GET", "/api/v5/routes") => reply(cluster_cmd(shared, |tx| ControlCmd::Query(3, tx))),
+        ("GET", "/api/v5/clients") => reply(cluster_cmd(shared, |tx| {
+            ControlCmd::Query(QueryKind::Clients, tx)
+        })),
+        ("GET", "/api/v5/subscriptions") => reply(cluster_cmd(shared, |tx| {
+            ControlCmd::Query(QueryKind::Subscriptions, tx)
+        })),
+        ("GET", "/api/v5/routes") => reply(cluster_cmd(shared, |tx| {
+            ControlCmd::Query(QueryKind::Routes, tx)
+        })),
         (
             _,
             "/metrics" | "/api/v5/metrics" | "/api/v5/stats" | "/api/v5/nodes" | "/api/v5/cluster",
@@ -161,7 +165,7 @@ fn prometheus(shared: &NodeShared, mode: Option<&str>) -> Result<String, String>
 
 /// Every node's figures (one JSON object per node), gathered through the cluster thread.
 fn node_rows(shared: &NodeShared) -> Result<Vec<String>, String> {
-    let list = cluster_cmd(shared, |tx| ControlCmd::Query(QUERY_METRICS, tx))?;
+    let list = cluster_cmd(shared, |tx| ControlCmd::Query(QueryKind::Metrics, tx))?;
     Ok(split_rows(&list))
 }
 

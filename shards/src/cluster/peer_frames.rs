@@ -233,12 +233,15 @@ impl Cluster {
                 };
                 self.mesh.send(shard, msg);
             }
-            Frame::Query { token, kind } if matches!(kind, 1 | 2 | QUERY_METRICS) => {
-                self.start_query(kind, QueryOrigin::Peer(p, token))
-            }
-            Frame::Query { kind, .. } => {
-                log::debug!("cluster: ignoring query of unknown kind {kind}");
-            }
+            // Routes are answered from the asking node's own table, never asked of peers.
+            Frame::Query { token, kind } => match QueryKind::from_wire(kind) {
+                Some(k @ (QueryKind::Clients | QueryKind::Subscriptions | QueryKind::Metrics)) => {
+                    self.start_query(k, QueryOrigin::Peer(p, token))
+                }
+                Some(QueryKind::Routes) | None => {
+                    log::debug!("cluster: ignoring query of kind {kind}");
+                }
+            },
             Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
             Frame::Hello { .. } | Frame::Auth { .. } | Frame::DataLink { .. } => {
                 self.mark_closed(link)

@@ -49,7 +49,7 @@ impl Cluster {
                 ControlCmd::Status(reply) => {
                     let _ = reply.send(Ok(self.status()));
                 }
-                ControlCmd::Query(3, reply) => {
+                ControlCmd::Query(QueryKind::Routes, reply) => {
                     let _ = reply.send(Ok(self.routes_json()));
                 }
                 ControlCmd::Query(kind, reply) => self.start_query(kind, QueryOrigin::Local(reply)),
@@ -81,18 +81,19 @@ impl Cluster {
         format!("[{}]", rows.join(","))
     }
 
-    pub(super) fn start_query(&mut self, kind: u8, origin: QueryOrigin) {
+    pub(super) fn start_query(&mut self, kind: QueryKind, origin: QueryOrigin) {
         let token = self.next_query;
         self.next_query += 1;
         let mut peers_left = HashSet::new();
         if matches!(origin, QueryOrigin::Local(_)) {
             for (p, link) in self.up_links() {
+                let kind = kind.wire();
                 self.send(link, &Frame::Query { token, kind });
                 peers_left.insert(p);
             }
         }
         // Figures are node-wide counters, answered here; listings come from every shard.
-        let (shards, rows) = if kind == QUERY_METRICS {
+        let (shards, rows) = if kind == QueryKind::Metrics {
             (0, vec![self.metrics.metrics.json(&self.node)])
         } else {
             (self.mesh.shards(), Vec::new())

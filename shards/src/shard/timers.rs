@@ -112,9 +112,9 @@ impl Shard {
         self.close(slot, Close::Error(reason));
     }
 
-    /// Rows for the management API: this shard's clients (`kind` 1) or subscriptions (2), each
-    /// a JSON object naming the node.
-    pub(super) fn query_rows(&mut self, kind: u8) -> Vec<String> {
+    /// Rows for the management API: this shard's clients or subscriptions, each a JSON object
+    /// naming the node (routes and figures are the cluster thread's; a shard has none).
+    pub(super) fn query_rows(&mut self, kind: QueryKind) -> Vec<String> {
         use crate::json::json_str;
         let node = json_str(&self.shared.cfg.node_name);
         let mut rows = Vec::new();
@@ -122,7 +122,7 @@ impl Shard {
             let s = &entry.session;
             let id = json_str(&s.client_id);
             match kind {
-                1 => rows.push(format!(
+                QueryKind::Clients => rows.push(format!(
                     "{{\"clientid\":{id},\"node\":{node},\"connected\":{},\"subscriptions\":{},\"inflight\":{},\"queued\":{},\"dropped\":{}}}",
                     entry.conn.is_some(),
                     s.subscriptions.len(),
@@ -130,7 +130,7 @@ impl Shard {
                     s.queue_len(),
                     s.dropped
                 )),
-                _ => {
+                QueryKind::Subscriptions => {
                     for sub in &s.subscriptions {
                         rows.push(format!(
                             "{{\"clientid\":{id},\"topic\":{},\"qos\":{},\"node\":{node}}}",
@@ -139,6 +139,7 @@ impl Shard {
                         ));
                     }
                 }
+                QueryKind::Routes | QueryKind::Metrics => break,
             }
         }
         rows
