@@ -42,23 +42,6 @@ fn get(m: &[(String, i64)], name: &str) -> i64 {
         .1
 }
 
-/// A v5 CONNECT (clean start, no properties).
-fn connect_v5(client_id: &str) -> Vec<u8> {
-    let mut body = field(b"MQTT");
-    body.extend_from_slice(&[5, 0x02, 0, 30, 0]);
-    body.extend(field(client_id.as_bytes()));
-    packet(0x10, &body)
-}
-
-/// A v5 QoS 1 PUBLISH without properties; the payload is the packet id in decimal.
-fn publish_v5(topic: &str, pid: u16) -> Vec<u8> {
-    let mut body = field(topic.as_bytes());
-    body.extend_from_slice(&pid.to_be_bytes());
-    body.push(0);
-    body.extend_from_slice(pid.to_string().as_bytes());
-    packet(0x32, &body)
-}
-
 /// The reason code of the v5 PUBACK for `pid` (0 when the PUBACK has none).
 fn puback_reason(c: &mut RawClient, pid: u16) -> u8 {
     let ack = c.recv(WAIT).expect("PUBACK");
@@ -83,12 +66,18 @@ fn messages_dropped_by_design_are_counted_per_reason_and_a_v5_publisher_hears_no
     assert!(sub.closed_within(WAIT));
 
     let mut publisher = RawClient::connect(b.addr());
-    publisher.send(&connect_v5("dropped-pub"));
+    publisher.send(&connect_v5("dropped-pub", 30, &[]));
     let ack = publisher.recv(WAIT).expect("CONNACK");
     assert_eq!((ack.first, ack.body[1]), (0x20, 0));
     // Five QoS 1 messages into a queue of three: two dropped, all five acknowledged.
     for pid in 1..=5 {
-        publisher.send(&publish_v5("drop/t", pid));
+        publisher.send(&publish_v5(
+            "drop/t",
+            1,
+            pid,
+            &[],
+            pid.to_string().as_bytes(),
+        ));
         assert_eq!(puback_reason(&mut publisher, pid), 0x00);
     }
     // QoS 0 for the offline session is not queued (mqtt.queue_qos0 = false).
@@ -99,7 +88,7 @@ fn messages_dropped_by_design_are_counted_per_reason_and_a_v5_publisher_hears_no
         packet(0x30, &body)
     });
     // Nobody subscribed: 0x10 No matching subscribers (a success code: MQTT-3.4.2.1).
-    publisher.send(&publish_v5("drop/nobody", 6));
+    publisher.send(&publish_v5("drop/nobody", 1, 6, &[], b"6"));
     assert_eq!(puback_reason(&mut publisher, 6), 0x10);
 
     let deadline = Instant::now() + WAIT;

@@ -8,33 +8,10 @@ use common::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-/// A v5 CONNECT (clean start) with the given property bytes.
-fn connect_v5(client_id: &str, props: &[u8]) -> Vec<u8> {
-    let mut body = field(b"MQTT");
-    body.extend_from_slice(&[5, 0x02]);
-    body.extend_from_slice(&60u16.to_be_bytes());
-    body.push(props.len() as u8);
-    body.extend_from_slice(props);
-    body.extend(field(client_id.as_bytes()));
-    packet(0x10, &body)
-}
-
-/// A v5 PUBLISH with the given property bytes.
-fn publish_v5(topic: &str, qos: u8, pid: u16, props: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut body = field(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&pid.to_be_bytes());
-    }
-    body.push(props.len() as u8);
-    body.extend_from_slice(props);
-    body.extend_from_slice(payload);
-    packet(0x30 | qos << 1, &body)
-}
-
 /// A connected v5 client; CONNACK must be a success.
 fn v5_client(b: &Broker, id: &str, props: &[u8]) -> RawClient {
     let mut c = RawClient::connect(b.addr());
-    c.send(&connect_v5(id, props));
+    c.send(&connect_v5(id, 60, props));
     let ack = c.recv(WAIT).expect("CONNACK");
     assert_eq!((ack.first, ack.body[1]), (0x20, 0), "CONNACK refused");
     c
@@ -255,7 +232,7 @@ fn v5_connect_with_an_authentication_method_gets_0x8c() {
     let mut c = RawClient::connect(b.addr());
     let mut props = vec![0x15];
     props.extend(field(b"SCRAM-SHA-1"));
-    c.send(&connect_v5("auth-method", &props));
+    c.send(&connect_v5("auth-method", 60, &props));
     let ack = c.recv(WAIT).expect("CONNACK");
     assert_eq!((ack.first, ack.body[1]), (0x20, 0x8C));
     assert!(c.closed_within(WAIT));

@@ -47,6 +47,32 @@ impl Drop for Level {
 }
 
 /// Retained messages by topic name.
+/// How many retained messages a store holds, and their topic + payload bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Held {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+/// True when retaining `msg` in place of `old` (the message under the same topic, if any)
+/// keeps a store holding `held` within `max_count` messages and `max_bytes` bytes (0 = no
+/// limit); replacing a message with a smaller one always fits. The one rule for the shards'
+/// replicas and the cluster thread's copy (`mqtt.max_retained_*`).
+pub fn within_limits(
+    held: Held,
+    old: Option<&Message>,
+    msg: &Message,
+    max_count: usize,
+    max_bytes: usize,
+) -> bool {
+    let grows = old.map_or(msg.topic.len() + msg.payload.len(), |o| {
+        msg.payload.len().saturating_sub(o.payload.len())
+    });
+    let count_ok = max_count == 0 || old.is_some() || held.count < max_count;
+    let bytes_ok = max_bytes == 0 || grows == 0 || held.bytes + grows <= max_bytes;
+    count_ok && bytes_ok
+}
+
 #[derive(Default)]
 pub struct RetainedStore {
     by_topic: AHashMap<Arc<str>, Arc<Message>>,
@@ -74,13 +100,12 @@ impl RetainedStore {
     /// True when retaining `msg` under `topic` keeps the store within `max_count` messages
     /// and `max_bytes` bytes (0 = no limit). Replacing a message may always shrink it.
     pub fn fits(&self, topic: &str, msg: &Message, max_count: usize, max_bytes: usize) -> bool {
-        let old = self.by_topic.get(topic);
-        let grows = old.map_or(topic.len() + msg.payload.len(), |o| {
-            msg.payload.len().saturating_sub(o.payload.len())
-        });
-        let count_ok = max_count == 0 || old.is_some() || self.by_topic.len() < max_count;
-        let bytes_ok = max_bytes == 0 || grows == 0 || self.bytes + grows <= max_bytes;
-        count_ok && bytes_ok
+        let held = Held {
+            count: self.by_topic.len(),
+            bytes: self.bytes,
+        };
+        let old = self.by_topic.get(topic).map(|o| &**o);
+        within_limits(held, old, msg, max_count, max_bytes)
     }
 
     /// The retained message of `topic`.
@@ -218,18 +243,7 @@ mod tests {
     #[test]
     fn limits_refuse_new_topics_but_let_existing_ones_be_replaced() {
         let mut s = RetainedStore::default();
-        let with = |topic: &str, payload: &'static [u8]| {
-            Arc::new(Message {
-                topic: topic.into(),
-                payload: bytes::Bytes::from_static(payload),
-                qos: shardmq_net::QoS::AtMostOnce,
-                retain: true,
-                properties: None,
-                publisher: "p".into(),
-                expires_at: None,
-                id: 0,
-            })
-        };
+        let with = msg_with;
         s.insert("a".into(), with("a", b"1234"));
         s.insert("bb".into(), with("bb", b"12"));
         assert_eq!(s.bytes(), 1 + 4 + 2 + 2);
@@ -248,9 +262,13 @@ mod tests {
     }
 
     fn msg(topic: &str) -> Arc<Message> {
+        msg_with(topic, b"")
+    }
+
+    fn msg_with(topic: &str, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {
             topic: topic.into(),
-            payload: Default::default(),
+            payload: bytes::Bytes::from_static(payload),
             qos: shardmq_net::QoS::AtMostOnce,
             retain: true,
             properties: None,

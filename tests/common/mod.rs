@@ -255,6 +255,29 @@ pub fn connect_packet(
     packet(0x10, &body)
 }
 
+/// A v5 CONNECT (clean start) with the given keep-alive and property bytes (< 128 bytes).
+pub fn connect_v5(client_id: &str, keep_alive: u16, props: &[u8]) -> Vec<u8> {
+    let mut body = field(b"MQTT");
+    body.extend_from_slice(&[5, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend(field(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// A v5 PUBLISH with the given property bytes (< 128 bytes).
+pub fn publish_v5(topic: &str, qos: u8, pid: u16, props: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = field(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pid.to_be_bytes());
+    }
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend_from_slice(payload);
+    packet(0x30 | qos << 1, &body)
+}
+
 pub fn subscribe_packet(level: u8, pid: u16, filter: &str, qos: u8) -> Vec<u8> {
     let mut body = pid.to_be_bytes().to_vec();
     if level == 5 {

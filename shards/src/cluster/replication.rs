@@ -165,17 +165,13 @@ impl Cluster {
             return;
         }
         let cfg = &self.metrics.cfg;
-        let old = self.retained.get(&*msg.topic);
-        let grows = old.map_or(msg.topic.len() + msg.payload.len(), |o| {
-            msg.payload.len().saturating_sub(o.payload.len())
-        });
-        let count_ok = cfg.max_retained_messages == 0
-            || old.is_some()
-            || self.retained.len() < cfg.max_retained_messages;
-        let bytes_ok = cfg.max_retained_bytes == 0
-            || grows == 0
-            || self.retained_bytes + grows <= cfg.max_retained_bytes;
-        if !(count_ok && bytes_ok) {
+        let held = crate::retained::Held {
+            count: self.retained.len(),
+            bytes: self.retained_bytes,
+        };
+        let old = self.retained.get(&*msg.topic).map(|o| &**o);
+        let (max_count, max_bytes) = (cfg.max_retained_messages, cfg.max_retained_bytes);
+        if !crate::retained::within_limits(held, old, msg, max_count, max_bytes) {
             return;
         }
         self.retained_bytes += msg.topic.len() + msg.payload.len();

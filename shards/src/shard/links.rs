@@ -205,16 +205,21 @@ impl Shard {
             .fetch_sub(1, Ordering::Relaxed);
         log::debug!("shard {}: links drained; resuming clients", self.id);
         for (slot, gen) in std::mem::take(&mut self.parked) {
-            let Some(conn) = self.conns.get_mut(slot, gen) else {
-                continue;
-            };
-            conn.parked = false;
-            let fd = conn.raw_fd();
-            let stashed = !conn.partial.is_empty();
-            self.ring.recv_multi(fd, slot, gen);
-            if stashed {
-                self.on_bytes(slot, gen, &[]);
-            }
+            self.read_again(slot, gen);
+        }
+    }
+
+    /// Reads a paused connection again: a fresh receive, and first what it sent meanwhile.
+    pub(super) fn read_again(&mut self, slot: u32, gen: u32) {
+        let Some(conn) = self.conns.get_mut(slot, gen) else {
+            return;
+        };
+        conn.parked = false;
+        let fd = conn.raw_fd();
+        let stashed = !conn.partial.is_empty();
+        self.ring.recv_multi(fd, slot, gen);
+        if stashed {
+            self.on_bytes(slot, gen, &[]);
         }
     }
 }

@@ -482,12 +482,6 @@ impl Shard {
             }
             return;
         }
-        conn.parked = false;
-        let fd = conn.raw_fd();
-        let stashed = !conn.partial.is_empty();
-        self.ring.recv_multi(fd, slot, gen);
-        if stashed {
-            self.on_bytes(slot, gen, &[]);
-        }
+        self.read_again(slot, gen);
     }
 }
