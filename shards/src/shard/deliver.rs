@@ -308,8 +308,9 @@ impl Shard {
             payload_len,
             &mut self.scratch,
         );
-        // An alias definition adds 3 bytes to the header: keep room for it.
-        if (header_len + payload_len + 3) as u64 > max_out as u64 {
+        // An alias definition adds 3 bytes to the header: keep room for it when aliases are on.
+        let alias_room = if alias_max > 0 { 3 } else { 0 };
+        if (header_len + payload_len + alias_room) as u64 > max_out as u64 {
             // MQTT-3.1.2-24: never send a packet larger than the client's maximum.
             self.scratch.clear();
             self.drop_delivery(slot, packet_id, DropReason::TooLarge);
