@@ -188,3 +188,24 @@ fn invalid_subscription_options_get_0x82_and_reserved_bits_0x81() {
     assert_eq!((ack.first, *ack.body.last().unwrap()), (0x90, 0x01));
     assert_broker_serves(&b);
 }
+
+#[test]
+fn a_message_of_exactly_the_clients_maximum_packet_size_is_delivered() {
+    let b = Broker::start(&[]);
+    // Maximum Packet Size 100 (0x27), no Topic Alias Maximum: aliases are off.
+    let mut sub = RawClient::connect(b.addr());
+    sub.send(&connect_v5("mps-sub", 60, &[0x27, 0, 0, 0, 100]));
+    assert_eq!(sub.recv(WAIT).expect("CONNACK").body[1], 0);
+    sub.send(&subscribe_v5(1, "mps/t", 0));
+    assert_eq!(sub.recv(WAIT).expect("SUBACK").kind(), 9);
+    let (mut publisher, _) = RawClient::mqtt(b.addr(), "mps-pub", true);
+    // To the subscriber: 2 (fixed header) + 7 (topic) + 1 (no properties) + payload.
+    publisher.send(&publish_packet("mps/t", &[b'x'; 90], 0, 0, false, false));
+    publisher.send(&publish_packet("mps/t", &[b'y'; 91], 0, 0, false, false));
+    let p = sub.recv(WAIT).expect("the 100-byte PUBLISH");
+    assert_eq!((p.first, p.body.len()), (0x30, 98), "{p:?}");
+    assert!(
+        sub.ping(),
+        "the 101-byte PUBLISH is not sent (MQTT-3.1.2-24)"
+    );
+}
