@@ -197,6 +197,8 @@ pub struct Cluster {
     refused_accepts: u64,
     refused_logged: Option<Instant>,
     scratch: BytesMut,
+    /// Now, on the node's clock (ms), as the driver last read it.
+    now_ms: u64,
 }
 
 fn unix_ms() -> u64 {
@@ -271,6 +273,7 @@ impl Cluster {
             refused_accepts: 0,
             refused_logged: None,
             scratch: BytesMut::with_capacity(64 * 1024),
+            now_ms: 0,
         })
     }
 

@@ -14,9 +14,12 @@
 //! - [`node_shared`]: what every thread of a node shares, and a client id's home shard.
 //! - [`wire`]: a forwarded message on the wire; [`peer_input`]: checks on a peer's filters
 //!   and topics; [`json`]: the management API's hand-built JSON.
+//! - [`sock`]: a socket as the core holds it (opaque; drivers do the I/O).
+//! - [`clock`]: the node's clock, read by drivers and handed to the core as `now`.
 //! - [`timer`], [`metrics`], [`message`], [`config`]: supporting pieces.
 
 pub mod alias;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
@@ -34,6 +37,7 @@ pub mod session;
 pub mod shard;
 pub mod shard_set;
 pub mod shared;
+pub mod sock;
 pub mod subscription_list;
 pub mod timer;
 pub mod topic;

@@ -18,8 +18,9 @@ pub struct Message {
     pub properties: Option<Box<Properties>>,
     /// Client id of the publisher, for the v5 no-local option.
     pub publisher: Arc<str>,
-    /// When the v5 Message Expiry Interval runs out; queued copies are dropped after it.
-    pub expires_at: Option<std::time::Instant>,
+    /// When the v5 Message Expiry Interval runs out (ms on the node's clock, see
+    /// [`crate::clock`]); queued copies are dropped after it.
+    pub expires_at: Option<u64>,
     /// Cluster-wide id of a client's publish or will (0 for others): a session that moves
     /// between nodes can get one both directly and in its old node's tail, and keeps one.
     pub id: u64,

@@ -75,6 +75,7 @@ impl Node {
             shutdown: AtomicBool::new(false),
             cluster: Arc::new(ClusterControl::default()),
             cluster_bell: doorbells[doorbells.len() - 1].clone(),
+            clock: crate::clock::NodeClock::start(),
         });
         let cluster = Cluster::new(
             cluster_cfg,

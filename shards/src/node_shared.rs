@@ -20,6 +20,8 @@ pub struct NodeShared {
     pub cluster: Arc<ClusterControl>,
     /// Rings the cluster thread after a control command was queued.
     pub cluster_bell: Arc<crate::mesh::Doorbell>,
+    /// The node's monotonic clock, read by the drivers only.
+    pub clock: crate::clock::NodeClock,
 }
 
 /// What a management query lists. Its wire value is the `kind` byte of a cluster

@@ -268,7 +268,7 @@ pub struct Shard {
     /// Persistent sessions on this shard per source address key (`origin_key`).
     sessions_by_origin: AHashMap<u32, u32>,
     doorbell_counter: Box<u64>,
-    epoch: Instant,
+    /// Now, on the node's clock (ms), as the driver last read it.
     now_ms: u64,
 }
 
@@ -280,7 +280,6 @@ impl Shard {
         listener: OwnedFd,
     ) -> std::io::Result<Shard> {
         let ring = Ring::new(RING_ENTRIES, RECV_BUFFERS, RECV_BUFFER_BYTES)?;
-        let epoch = Instant::now();
         Ok(Shard {
             id: mesh.id,
             shared,
@@ -314,7 +313,6 @@ impl Shard {
             lingering: std::collections::VecDeque::new(),
             sessions_by_origin: AHashMap::default(),
             doorbell_counter: Box::new(0),
-            epoch,
             now_ms: 0,
         })
     }
@@ -335,7 +333,7 @@ impl Shard {
         let mut mesh_msgs = Vec::with_capacity(1024);
         let mut fired = Vec::new();
         loop {
-            self.now_ms = self.epoch.elapsed().as_millis() as u64;
+            self.now_ms = self.shared.clock.now_ms();
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 self.shutdown();
                 return Ok(());
@@ -573,7 +571,7 @@ fn exported(d: Delivery) -> Arc<Message> {
     })
 }
 
-fn message_from(p: Publish, publisher: Arc<str>, id: u64) -> Message {
+fn message_from(p: Publish, publisher: Arc<str>, id: u64, now_ms: u64) -> Message {
     let properties = if p.properties.is_empty() {
         None
     } else {
@@ -586,7 +584,7 @@ fn message_from(p: Publish, publisher: Arc<str>, id: u64) -> Message {
     let expires_at = properties
         .as_ref()
         .and_then(|p| p.message_expiry_interval)
-        .map(|s| Instant::now() + Duration::from_secs(s as u64));
+        .map(|s| now_ms + s as u64 * 1000);
     Message {
         topic: p.topic.into(),
         payload: p.payload,

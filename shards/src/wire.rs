@@ -9,10 +9,10 @@ use shardmq_net::cluster::WireMessage;
 use shardmq_net::codec::{decode_message_properties, encode_message_properties};
 use shardmq_net::QoS;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-/// Converts a message for the wire (properties re-encoded, expiry as time left).
-pub fn to_wire(m: &Message) -> WireMessage {
+/// Converts a message for the wire (properties re-encoded, expiry as time left after
+/// `now_ms` on the node's clock).
+pub fn to_wire(m: &Message, now_ms: u64) -> WireMessage {
     let mut props = BytesMut::new();
     if let Some(p) = &m.properties {
         encode_message_properties(p, &mut props);
@@ -26,18 +26,15 @@ pub fn to_wire(m: &Message) -> WireMessage {
         properties: props.freeze(),
         expiry_ms: m
             .expires_at
-            .map(|t| {
-                t.saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .max(1) as u64
-            })
+            .map(|t| t.saturating_sub(now_ms).max(1))
             .unwrap_or(0),
         id: m.id,
     }
 }
 
-/// Rebuilds a message from the wire; `None` (logged) if its properties do not decode.
-pub fn from_wire(w: WireMessage) -> Option<Arc<Message>> {
+/// Rebuilds a message from the wire, its expiry counted from `now_ms` on this node's clock;
+/// `None` (logged) if its properties do not decode.
+pub fn from_wire(w: WireMessage, now_ms: u64) -> Option<Arc<Message>> {
     let properties = if w.properties.is_empty() {
         None
     } else {
@@ -56,7 +53,7 @@ pub fn from_wire(w: WireMessage) -> Option<Arc<Message>> {
         retain: w.retain,
         properties,
         publisher: w.publisher.into(),
-        expires_at: (w.expiry_ms > 0).then(|| Instant::now() + Duration::from_millis(w.expiry_ms)),
+        expires_at: (w.expiry_ms > 0).then(|| now_ms.saturating_add(w.expiry_ms)),
         id: w.id,
     }))
 }
@@ -79,10 +76,11 @@ mod tests {
                 ..Default::default()
             })),
             publisher: "p".into(),
-            expires_at: None,
+            expires_at: Some(1_500),
             id: 42,
         };
-        let back = from_wire(to_wire(&m)).unwrap();
+        let back = from_wire(to_wire(&m, 1_000), 7_000).unwrap();
+        assert_eq!(back.expires_at, Some(7_500), "expiry travels as time left");
         assert_eq!(back.id, 42);
         assert_eq!(back.topic, m.topic);
         assert_eq!(back.properties, m.properties);

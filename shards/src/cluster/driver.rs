@@ -21,6 +21,7 @@ impl Cluster {
         let mut msgs = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             self.poll_once(Duration::from_millis(100));
+            self.now_ms = self.metrics.clock.now_ms();
             msgs.clear();
             self.mesh.recv(MESH_BUDGET, &mut msgs);
             let drained = msgs.len() < MESH_BUDGET;

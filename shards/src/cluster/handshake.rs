@@ -179,7 +179,7 @@ impl Cluster {
         self.send(link, &Frame::RouteSnapshot { seq, filters });
         let retained: Vec<Arc<Message>> = self.retained.values().cloned().collect();
         for m in retained {
-            let msg = to_wire(&m);
+            let msg = to_wire(&m, self.now_ms);
             self.send(link, &Frame::Retain { msg });
         }
         self.send_heartbeat(link);

@@ -118,7 +118,9 @@ impl Cluster {
                     );
                     return;
                 }
-                let Some(msg) = from_wire(msg) else { return };
+                let Some(msg) = from_wire(msg, self.now_ms) else {
+                    return;
+                };
                 self.store_retained(&msg);
                 let value = (!msg.payload.is_empty()).then(|| msg.clone());
                 for shard in 0..self.mesh.shards() {
@@ -197,7 +199,10 @@ impl Cluster {
                             .into_iter()
                             .map(|s| (Arc::from(s.filter.as_str()), s.options, s.id))
                             .collect(),
-                        messages: messages.into_iter().filter_map(from_wire).collect(),
+                        messages: messages
+                            .into_iter()
+                            .filter_map(|m| from_wire(m, self.now_ms))
+                            .collect(),
                         pubrel,
                         sent_ids,
                     })
@@ -229,7 +234,10 @@ impl Cluster {
                 let shard = home_shard(&client_id, self.mesh.shards());
                 let msg = MeshMsg::SessionTail {
                     client_id: client_id.into(),
-                    messages: messages.into_iter().filter_map(from_wire).collect(),
+                    messages: messages
+                        .into_iter()
+                        .filter_map(|m| from_wire(m, self.now_ms))
+                        .collect(),
                 };
                 self.mesh.send(shard, msg);
             }

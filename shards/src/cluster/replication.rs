@@ -71,7 +71,9 @@ impl Cluster {
             }
             MeshMsg::ClusterRetain { msg } => {
                 self.store_retained(&msg);
-                let frame = Frame::Retain { msg: to_wire(&msg) };
+                let frame = Frame::Retain {
+                    msg: to_wire(&msg, self.now_ms),
+                };
                 for (_, link) in self.up_links() {
                     self.send(link, &frame);
                 }
@@ -126,7 +128,7 @@ impl Cluster {
                             id: *id,
                         })
                         .collect(),
-                    messages: e.messages.iter().map(|m| to_wire(m)).collect(),
+                    messages: e.messages.iter().map(|m| to_wire(m, self.now_ms)).collect(),
                     pubrel: e.pubrel.clone(),
                     sent_ids: e.sent_ids.clone(),
                 };
@@ -145,7 +147,7 @@ impl Cluster {
                 };
                 let frame = Frame::SessionTail {
                     client_id: client_id.to_string(),
-                    messages: messages.iter().map(|m| to_wire(m)).collect(),
+                    messages: messages.iter().map(|m| to_wire(m, self.now_ms)).collect(),
                 };
                 self.send(link, &frame);
             }

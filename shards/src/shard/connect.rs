@@ -50,10 +50,12 @@ impl Shard {
                 return reject(self, ReasonCode::ClientIdentifierNotValid);
             }
             self.next_client_seq += 1;
+            // The upper half of the message ids is random per shard and process, so
+            // assigned ids do not repeat across shards, restarts or nodes.
             connect.client_id = format!(
-                "shardmq-{}-{}-{}",
+                "shardmq-{}-{:x}-{}",
                 self.id,
-                self.epoch.elapsed().as_nanos(),
+                self.next_message_id >> 32,
                 self.next_client_seq
             );
             assigned = true;

@@ -99,7 +99,7 @@ impl Shard {
     /// Appends one `Publish` frame per node in `nodes` or picked for a group in `groups` to
     /// this shard's link to that node: the frame head, then the payload as its own buffer.
     fn forward(&mut self, msg: &Arc<Message>, nodes: u64, groups: &[(Arc<str>, u8)]) {
-        let wire = to_wire(msg);
+        let wire = to_wire(msg, self.now_ms);
         let limit = self.cfg().cluster.link_buffer_bytes;
         let mut targets = nodes;
         for (_, n) in groups {
@@ -270,7 +270,7 @@ impl Shard {
         let (protocol, max_out, alias_max) =
             (conn.protocol, conn.max_packet_out, conn.client_alias_max);
         let v5 = protocol == Protocol::V5;
-        if d.msg.expires_at.is_some_and(|t| t <= Instant::now()) {
+        if d.msg.expires_at.is_some_and(|t| t <= self.now_ms) {
             // MQTT-3.3.2-5: an expired message is not sent.
             self.drop_delivery(slot, packet_id, DropReason::Expired);
             return;
@@ -284,8 +284,8 @@ impl Shard {
             p.subscription_identifiers = d.sub_ids.to_vec();
             if let Some(expires_at) = d.msg.expires_at {
                 // MQTT-3.3.2-6: forward the remaining lifetime.
-                let left = expires_at.saturating_duration_since(Instant::now());
-                p.message_expiry_interval = Some(left.as_secs_f64().ceil() as u32);
+                let left_ms = expires_at.saturating_sub(self.now_ms);
+                p.message_expiry_interval = Some(left_ms.div_ceil(1000) as u32);
             }
             properties = Some(p);
         }

@@ -74,7 +74,9 @@ impl Shard {
                         );
                         continue;
                     }
-                    let Some(msg) = from_wire(msg) else { continue };
+                    let Some(msg) = from_wire(msg, self.now_ms) else {
+                        continue;
+                    };
                     let shared = shared.into_iter().map(Arc::from).collect();
                     self.route_with(msg, normal, Some(shared));
                 }

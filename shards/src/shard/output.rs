@@ -252,7 +252,7 @@ impl Shard {
         let expires_at = properties
             .as_ref()
             .and_then(|p| p.message_expiry_interval)
-            .map(|s| Instant::now() + Duration::from_secs(s as u64));
+            .map(|s| self.now_ms + s as u64 * 1000);
         let msg = Arc::new(Message {
             topic: will.topic.as_str().into(),
             payload: will.payload,

@@ -158,7 +158,7 @@ impl Shard {
         if route && !p.topic.starts_with("$SYS") {
             let publisher = self.session(sidx).session.client_id.clone();
             let id = self.next_message_id();
-            let msg = Arc::new(message_from(p, publisher, id));
+            let msg = Arc::new(message_from(p, publisher, id, self.now_ms));
             if msg.retain && self.cfg().retain_available {
                 self.set_retained(&msg);
             }
