@@ -23,6 +23,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod hash;
 pub mod json;
 pub mod link;
 pub mod mesh;
@@ -37,6 +38,9 @@ pub mod session;
 pub mod shard;
 pub mod shard_set;
 pub mod shared;
+#[cfg(test)]
+#[allow(dead_code)] // until the world that drives the nodes lands (issue 10)
+mod sim;
 pub mod sock;
 pub mod subscription_list;
 pub mod timer;
