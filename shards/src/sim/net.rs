@@ -225,6 +225,11 @@ impl Net {
         })
     }
 
+    /// Whether `s` is still open here (not closed, not reset, not forgotten).
+    pub fn is_open(&self, s: SockId) -> bool {
+        self.ends.get(&s).is_some_and(|e| !e.closed)
+    }
+
     /// Room to write on `s` (or an error to report).
     pub fn writable(&self, s: SockId) -> bool {
         let Some(e) = self.ends.get(&s) else {
@@ -298,6 +303,12 @@ impl Net {
         if !one_way {
             self.blocked.insert((to, from));
         }
+    }
+
+    /// The partition between `a` and `b` (both directions) heals.
+    pub fn unblock(&mut self, a: Host, b: Host) {
+        self.blocked.remove(&(a, b));
+        self.blocked.remove(&(b, a));
     }
 
     /// Every partition heals; what was held in flight arrives.
