@@ -5,11 +5,12 @@
 //! packets are queued as `Bytes` (a small header plus the shared payload) and written with one
 //! `writev` per connection per shard turn.
 
+use crate::sock::Sock;
 use bytes::{Buf, Bytes};
 use shardmq_net::{Protocol, Will};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 /// Most iovecs handed to one `writev`.
 const IOV_MAX: usize = 64;
@@ -30,7 +31,7 @@ pub enum ConnState {
 
 /// One client socket on this shard.
 pub struct Conn {
-    pub fd: OwnedFd,
+    pub sock: Sock,
     pub state: ConnState,
     pub protocol: Protocol,
     /// Index of the session in the shard's session slab once active.
@@ -86,9 +87,9 @@ pub struct Aliases {
 
 impl Conn {
     /// A freshly accepted socket.
-    pub fn new(fd: OwnedFd, deadline_ms: u64) -> Conn {
+    pub fn new(sock: Sock, deadline_ms: u64) -> Conn {
         Conn {
-            fd,
+            sock,
             state: ConnState::Connecting,
             protocol: Protocol::V311,
             session: u32::MAX,
@@ -112,9 +113,9 @@ impl Conn {
         }
     }
 
-    /// The socket's descriptor.
+    /// The socket's descriptor (-1 for a simulated socket).
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.raw_fd().unwrap_or(-1)
     }
 
     /// Queues bytes to send; the caller puts the connection on the flush list.
@@ -143,7 +144,7 @@ impl Conn {
     pub fn flush(&mut self) -> io::Result<bool> {
         let mut writes = 0;
         if !write_queue::<IOV_MAX>(
-            self.fd.as_raw_fd(),
+            self.raw_fd(),
             &mut self.out,
             &mut self.out_bytes,
             &mut writes,

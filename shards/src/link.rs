@@ -9,10 +9,11 @@
 //! shard has something for the peer, so frames queued while the link is being set up keep
 //! their order.
 
+use crate::sock::Sock;
 use bytes::Bytes;
 use shardmq_net::cluster::FrameReader;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 /// Most iovecs in one `writev` on a link (Linux accepts 1024); a message takes two.
 pub const LINK_IOV_MAX: usize = 512;
@@ -20,7 +21,7 @@ pub const LINK_IOV_MAX: usize = 512;
 /// One data link of this shard.
 pub struct DataLink {
     /// `None` while the cluster thread is still setting up an outbound link.
-    pub fd: Option<OwnedFd>,
+    pub sock: Option<Sock>,
     /// Index of the peer node.
     pub node: u8,
     /// The peer's up-epoch the socket belongs to (see `LinkAttach`).
@@ -38,7 +39,7 @@ pub struct DataLink {
 impl DataLink {
     /// The socket's descriptor, if it has one yet.
     pub fn raw_fd(&self) -> Option<RawFd> {
-        self.fd.as_ref().map(|f| f.as_raw_fd())
+        self.sock.as_ref().and_then(|s| s.raw_fd())
     }
 }
 
@@ -77,7 +78,7 @@ impl Links {
             return slot;
         }
         let slot = self.insert(DataLink {
-            fd: None,
+            sock: None,
             node,
             epoch: 0,
             outbound: true,
@@ -121,7 +122,7 @@ impl Links {
         &mut self,
         node: u8,
         epoch: u32,
-        fd: OwnedFd,
+        sock: Sock,
         outbound: bool,
         unsent: Vec<Bytes>,
         received: &[u8],
@@ -132,7 +133,7 @@ impl Links {
                 .1
                 .as_mut()
                 .expect("slot just found");
-            if let Some(old) = link.fd.replace(fd) {
+            if let Some(old) = link.sock.replace(sock) {
                 shutdown(&old);
             }
             link.epoch = epoch;
@@ -143,7 +144,7 @@ impl Links {
             slot
         } else {
             let mut link = DataLink {
-                fd: Some(fd),
+                sock: Some(sock),
                 node,
                 epoch,
                 outbound: false,
@@ -188,8 +189,8 @@ impl Links {
                 *o = None;
             }
         }
-        if let Some(fd) = &link.fd {
-            shutdown(fd);
+        if let Some(sock) = &link.sock {
+            shutdown(sock);
         }
         Some(link)
     }
@@ -213,21 +214,21 @@ impl Links {
     }
 }
 
-fn shutdown(fd: &OwnedFd) {
-    // SAFETY: shutdown on a descriptor we own.
-    unsafe {
-        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+fn shutdown(sock: &Sock) {
+    if let Some(fd) = sock.raw_fd() {
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
-    fn socket() -> OwnedFd {
-        // SAFETY: a fresh descriptor from socket(2) that we then own.
-        unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) }
+    fn socket() -> Sock {
+        Sock::Sim(1)
     }
 
     #[test]
@@ -259,6 +260,6 @@ mod tests {
         }
         assert_eq!(links.backlog(1), 0);
         let fresh = links.outbound_slot(1);
-        assert!(links.get_slot(fresh).is_some_and(|(_, l)| l.fd.is_none()));
+        assert!(links.get_slot(fresh).is_some_and(|(_, l)| l.sock.is_none()));
     }
 }

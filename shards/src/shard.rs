@@ -27,6 +27,7 @@ use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
 use crate::shard_set::ShardSet;
 use crate::shared::{self, Group, Member};
+use crate::sock::Sock;
 use crate::timer::{TimerWheel, TICK_MS};
 use crate::topic;
 use crate::topic_index::TopicIndex;
@@ -145,7 +146,7 @@ struct SessionEntry {
 
 /// A socket closed with a reason, half-closed and drained until EOF or its deadline.
 struct Lingering {
-    fd: OwnedFd,
+    sock: Sock,
     until_ms: u64,
     drained: usize,
 }
@@ -487,10 +488,12 @@ fn is_resource_shortage(errno: i32) -> bool {
 
 /// Closes a socket now; the shutdown first ends any receive the ring still has on it (the
 /// ring holds the file until that completes).
-fn close_now(fd: OwnedFd) {
-    // SAFETY: shutdown on a descriptor we own.
-    unsafe {
-        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+fn close_now(sock: Sock) {
+    if let Some(fd) = sock.raw_fd() {
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
     }
 }
 

@@ -76,7 +76,7 @@ impl Shard {
                 return Flow::Stop;
             };
             let handoff = Handoff {
-                fd: conn.fd,
+                sock: conn.sock,
                 connect,
                 leftover: leftover.to_vec(),
                 assigned,
@@ -90,13 +90,13 @@ impl Shard {
 
     pub(super) fn on_handoff(&mut self, h: Handoff) {
         let Handoff {
-            fd,
+            sock,
             connect,
             leftover,
             assigned,
         } = h;
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let mut conn = Conn::new(fd, deadline);
+        let mut conn = Conn::new(sock, deadline);
         conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);
         self.timers

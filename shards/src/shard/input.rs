@@ -63,7 +63,7 @@ impl Shard {
         }
         Metrics::add(&m.connections_total, 1);
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let mut conn = Conn::new(fd, deadline);
+        let mut conn = Conn::new(fd.into(), deadline);
         conn.over_quota = live >= max;
         conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);

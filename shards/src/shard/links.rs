@@ -7,9 +7,9 @@ use super::*;
 impl Shard {
     pub(super) fn on_link_attach(&mut self, a: LinkAttach) {
         let node = a.node;
-        let (slot, gen) = self
-            .links
-            .attach(node, a.epoch, a.fd, a.outbound, a.unsent, &a.received);
+        let (slot, gen) =
+            self.links
+                .attach(node, a.epoch, a.sock, a.outbound, a.unsent, &a.received);
         let fd = self
             .links
             .get_mut(slot, gen)

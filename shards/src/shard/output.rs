@@ -124,16 +124,14 @@ impl Shard {
             Close::TakenOver | Close::Shutdown => None,
         };
         let sidx = conn.session;
-        let Conn { fd, .. } = conn;
+        let Conn { sock, .. } = conn;
         if matches!(why, Close::Error(_)) {
             // A reason was sent: let the client read it (see LINGER_MS).
-            self.linger(fd);
+            self.linger(sock);
         } else {
-            // SAFETY: shutdown on a descriptor we own; it ends any pending receive on the
-            // ring, whose completion is then ignored by generation.
-            unsafe {
-                libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-            }
+            // The shutdown ends any pending receive on the ring, whose completion is then
+            // ignored by generation.
+            close_now(sock);
         }
         self.shared
             .metrics
@@ -176,14 +174,16 @@ impl Shard {
     /// Half-closes a socket that was just told why it is closed and keeps it, drained, until
     /// the client closes too or `LINGER_MS` pass: closing with its input unread would make
     /// the kernel reset the connection, and the client would never read the reason.
-    fn linger(&mut self, fd: OwnedFd) {
-        // SAFETY: shutdown on a descriptor we own; sends FIN after the queued reason.
-        unsafe {
-            libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR);
+    fn linger(&mut self, sock: Sock) {
+        if let Some(fd) = sock.raw_fd() {
+            // SAFETY: shutdown on a descriptor we own; sends FIN after the queued reason.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_WR);
+            }
         }
         if self.lingering.len() >= LINGER_SOCKETS_MAX {
             if let Some(old) = self.lingering.pop_front() {
-                close_now(old.fd);
+                close_now(old.sock);
             }
         }
         if self.lingering.is_empty() {
@@ -191,7 +191,7 @@ impl Shard {
                 .schedule(self.now_ms + TICK_MS, TimerToken::Linger);
         }
         self.lingering.push_back(Lingering {
-            fd,
+            sock,
             until_ms: self.now_ms + LINGER_MS,
             drained: 0,
         });
@@ -208,7 +208,7 @@ impl Shard {
                 // SAFETY: reads into a stack buffer of the length given, from an owned fd.
                 let n = unsafe {
                     libc::recv(
-                        l.fd.as_raw_fd(),
+                        l.sock.raw_fd().unwrap_or(-1),
                         buf.as_mut_ptr().cast(),
                         buf.len(),
                         libc::MSG_DONTWAIT,
@@ -233,7 +233,7 @@ impl Shard {
             if open {
                 kept.push_back(l);
             } else {
-                close_now(l.fd);
+                close_now(l.sock);
             }
         }
         self.lingering = kept;
