@@ -55,14 +55,14 @@ impl Shard {
                 continue;
             }
             let before = conn.out_bytes;
-            match conn.flush() {
+            match conn.flush(&mut *self.io) {
                 Ok(done) => {
                     let written = before - conn.out_bytes;
                     Metrics::add(&self.shared.metrics.bytes_sent, written as u64);
                     if !done {
                         conn.write_blocked = true;
-                        let fd = conn.raw_fd();
-                        self.ring.poll_writable(fd, slot, gen);
+                        self.io
+                            .poll_writable(&conn.sock, Token::Writable { slot, gen });
                     } else if conn.state == ConnState::Active {
                         // The socket drained: let queued messages follow.
                         let sidx = conn.session;
@@ -117,7 +117,7 @@ impl Shard {
             return;
         };
         // Best effort: the last packets (CONNACK refusal, DISCONNECT) before the FIN.
-        let _ = conn.flush();
+        let _ = conn.flush(&mut *self.io);
         let will = match why {
             Close::Abnormal | Close::Error(_) | Close::OutputOverflow => conn.will.take(),
             Close::Graceful => conn.will.take(), // only kept for v5 reason 0x04
@@ -131,7 +131,7 @@ impl Shard {
         } else {
             // The shutdown ends any pending receive on the ring, whose completion is then
             // ignored by generation.
-            close_now(sock);
+            close_now(&mut *self.io, sock);
         }
         self.shared
             .metrics
@@ -175,15 +175,11 @@ impl Shard {
     /// the client closes too or `LINGER_MS` pass: closing with its input unread would make
     /// the kernel reset the connection, and the client would never read the reason.
     fn linger(&mut self, sock: Sock) {
-        if let Some(fd) = sock.raw_fd() {
-            // SAFETY: shutdown on a descriptor we own; sends FIN after the queued reason.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_WR);
-            }
-        }
+        // Sends FIN after the queued reason.
+        self.io.shutdown(&sock, std::net::Shutdown::Write);
         if self.lingering.len() >= LINGER_SOCKETS_MAX {
             if let Some(old) = self.lingering.pop_front() {
-                close_now(old.sock);
+                close_now(&mut *self.io, old.sock);
             }
         }
         if self.lingering.is_empty() {
@@ -205,35 +201,25 @@ impl Shard {
         let mut kept = std::collections::VecDeque::with_capacity(self.lingering.len());
         for mut l in self.lingering.drain(..) {
             let open = loop {
-                // SAFETY: reads into a stack buffer of the length given, from an owned fd.
-                let n = unsafe {
-                    libc::recv(
-                        l.sock.raw_fd().unwrap_or(-1),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    l.drained += n as usize;
-                    if l.drained > LINGER_DRAIN_BYTES_MAX {
-                        break false;
+                match self.io.read_now(&l.sock, &mut buf) {
+                    Ok(0) => break false, // EOF: the client read the reason and closed.
+                    Ok(n) => {
+                        l.drained += n;
+                        if l.drained > LINGER_DRAIN_BYTES_MAX {
+                            break false;
+                        }
                     }
-                    continue;
-                }
-                if n < 0 {
-                    match std::io::Error::last_os_error().kind() {
+                    Err(e) => match e.kind() {
                         std::io::ErrorKind::Interrupted => continue,
                         std::io::ErrorKind::WouldBlock => break now < l.until_ms,
                         _ => break false,
-                    }
+                    },
                 }
-                break false; // EOF: the client read the reason and closed.
             };
             if open {
                 kept.push_back(l);
             } else {
-                close_now(l.sock);
+                close_now(&mut *self.io, l.sock);
             }
         }
         self.lingering = kept;

@@ -17,6 +17,7 @@
 
 use super::*;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Filters handled, or retained messages delivered, per slice of one job: small enough that
 /// a slice takes well under `TURN_BUDGET` even in a debug build.
@@ -441,7 +442,7 @@ impl Shard {
         if let Some(conn) = self.conns.get_mut(slot, gen) {
             if !conn.parked {
                 conn.parked = true;
-                self.ring.cancel(Token::Recv { slot, gen });
+                self.io.cancel(Token::Recv { slot, gen });
             }
         }
     }
