@@ -104,3 +104,6 @@ pub struct ShardEvent<'a> {
     /// A multishot operation goes on (false: it ended and must be armed again to go on).
     pub more: bool,
 }
+
+#[cfg(test)]
+mod tests;
