@@ -5,11 +5,12 @@
 //! packets are queued as `Bytes` (a small header plus the shared payload) and written with one
 //! `writev` per connection per shard turn.
 
+use crate::shard_io::ShardIo;
+use crate::sock::Sock;
 use bytes::{Buf, Bytes};
 use shardmq_net::{Protocol, Will};
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
 
 /// Most iovecs handed to one `writev`.
 const IOV_MAX: usize = 64;
@@ -30,7 +31,7 @@ pub enum ConnState {
 
 /// One client socket on this shard.
 pub struct Conn {
-    pub fd: OwnedFd,
+    pub sock: Sock,
     pub state: ConnState,
     pub protocol: Protocol,
     /// Index of the session in the shard's session slab once active.
@@ -86,9 +87,9 @@ pub struct Aliases {
 
 impl Conn {
     /// A freshly accepted socket.
-    pub fn new(fd: OwnedFd, deadline_ms: u64) -> Conn {
+    pub fn new(sock: Sock, deadline_ms: u64) -> Conn {
         Conn {
-            fd,
+            sock,
             state: ConnState::Connecting,
             protocol: Protocol::V311,
             session: u32::MAX,
@@ -110,11 +111,6 @@ impl Conn {
             over_quota: false,
             aliases: None,
         }
-    }
-
-    /// The socket's descriptor.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 
     /// Queues bytes to send; the caller puts the connection on the flush list.
@@ -140,10 +136,11 @@ impl Conn {
 
     /// Writes as much queued output as the socket takes. Ok(true) when all was written,
     /// Ok(false) when the socket is full (wait for POLLOUT).
-    pub fn flush(&mut self) -> io::Result<bool> {
+    pub fn flush(&mut self, io: &mut dyn ShardIo) -> io::Result<bool> {
         let mut writes = 0;
         if !write_queue::<IOV_MAX>(
-            self.fd.as_raw_fd(),
+            io,
+            &self.sock,
             &mut self.out,
             &mut self.out_bytes,
             &mut writes,
@@ -162,37 +159,36 @@ impl Conn {
     }
 }
 
-/// Writes queued buffers to `fd` with `writev`, up to `N` per call, until the queue is empty
-/// (Ok(true)) or the socket is full (Ok(false)); counts the calls in `writes`. Shared by client
-/// connections and cluster links.
+/// Writes queued buffers to `sock` through `io` (one `writev` each), up to `N` per call,
+/// until the queue is empty (Ok(true)) or the socket is full (Ok(false)); counts the calls in
+/// `writes`. Shared by client connections and cluster links. The slices live on the stack:
+/// nothing is allocated per write.
 pub fn write_queue<const N: usize>(
-    fd: RawFd,
+    io: &mut dyn ShardIo,
+    sock: &Sock,
     out: &mut VecDeque<Bytes>,
     out_bytes: &mut usize,
     writes: &mut u64,
 ) -> io::Result<bool> {
     while !out.is_empty() {
-        let mut iov: [libc::iovec; N] = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; N];
+        let mut iov = [IoSlice::new(&[]); N];
         let n = out.len().min(N);
         *writes += 1;
         for (slot, b) in iov.iter_mut().zip(out.iter()) {
-            slot.iov_base = b.as_ptr() as *mut libc::c_void;
-            slot.iov_len = b.len();
+            *slot = IoSlice::new(b);
         }
-        // SAFETY: iov points into Bytes held by `out` for the duration of the call.
-        let written = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
-        if written < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
-                io::ErrorKind::WouldBlock => Ok(false),
-                io::ErrorKind::Interrupted => continue,
-                _ => Err(err),
-            };
-        }
-        let mut left = written as usize;
+        let written = match io.write(sock, &iov[..n]) {
+            Ok(n) => n,
+            Err(err) => {
+                return match err.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(err),
+                }
+            }
+        };
+        debug_assert!(written <= *out_bytes, "a write takes no more than queued");
+        let mut left = written;
         *out_bytes -= left;
         while left > 0 {
             let front = out.front_mut().expect("kernel wrote no more than queued");
@@ -254,7 +250,7 @@ impl ConnSlab {
     pub fn remove(&mut self, slot: u32) -> Option<Conn> {
         let entry = self.slots.get_mut(slot as usize)?;
         let conn = entry.1.take()?;
-        entry.0 = crate::ring::Token::next_gen(entry.0);
+        entry.0 = crate::shard_io::Token::next_gen(entry.0);
         self.free.push(slot);
         self.len -= 1;
         Some(conn)

@@ -4,7 +4,9 @@
 //! - [`node`]: binds listeners and starts one [`shard`] per core.
 //! - [`ring`]: the shard's io_uring (accept, multishot recv into a shared buffer pool, doorbell).
 //! - [`conn`]: compact per-socket state and the vectored write path; [`alias`]: its topic aliases.
-//! - [`shard`]: the event loop and the MQTT semantics (connect, publish, subscribe, takeover).
+//! - [`shard`]: the sans-IO core: a turn, its events and the MQTT semantics (connect, publish,
+//!   subscribe, takeover); [`shard_io`]: what it asks of its driver and the events it takes;
+//!   [`ring_driver`]: the real driver (io_uring, the shard's loop).
 //! - [`session`]: per-client state (in-flight window, bounded queue, QoS 2 ids), sans-IO.
 //! - [`topic`], [`topic_index`], [`shard_set`]: filters, the route replica and the slice.
 //! - [`shared`]: shared subscription groups and member picking.
@@ -34,8 +36,10 @@ pub mod node_shared;
 pub mod peer_input;
 pub mod retained;
 pub mod ring;
+pub mod ring_driver;
 pub mod session;
 pub mod shard;
+pub mod shard_io;
 pub mod shard_set;
 pub mod shared;
 #[cfg(test)]

@@ -3,16 +3,16 @@
 //! shards that the cluster thread handed to it.
 //!
 //! The cluster thread dials and authenticates every link, then moves the socket here; from
-//! then on the link is driven by the shard's own ring like a client connection: frames queued
+//! then on the link is driven by the shard's driver (`shard_io`) like a client connection: frames queued
 //! in one turn leave in one `writev` (header and payload as separate iovecs), and received
 //! frames are routed on this shard. An outbound link exists (without a socket) as soon as the
 //! shard has something for the peer, so frames queued while the link is being set up keep
 //! their order.
 
+use crate::sock::Sock;
 use bytes::Bytes;
 use shardmq_net::cluster::FrameReader;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Most iovecs in one `writev` on a link (Linux accepts 1024); a message takes two.
 pub const LINK_IOV_MAX: usize = 512;
@@ -20,7 +20,7 @@ pub const LINK_IOV_MAX: usize = 512;
 /// One data link of this shard.
 pub struct DataLink {
     /// `None` while the cluster thread is still setting up an outbound link.
-    pub fd: Option<OwnedFd>,
+    pub sock: Option<Sock>,
     /// Index of the peer node.
     pub node: u8,
     /// The peer's up-epoch the socket belongs to (see `LinkAttach`).
@@ -33,13 +33,6 @@ pub struct DataLink {
     /// Waiting for POLLOUT after the socket's send buffer filled.
     pub write_blocked: bool,
     pub reader: FrameReader,
-}
-
-impl DataLink {
-    /// The socket's descriptor, if it has one yet.
-    pub fn raw_fd(&self) -> Option<RawFd> {
-        self.fd.as_ref().map(|f| f.as_raw_fd())
-    }
 }
 
 /// The data links of one shard, addressed by slot and generation like connections.
@@ -62,7 +55,7 @@ impl Links {
             }
         };
         let entry = &mut self.slots[slot];
-        entry.0 = crate::ring::Token::next_gen(entry.0);
+        entry.0 = crate::shard_io::Token::next_gen(entry.0);
         entry.1 = Some(link);
         slot as u32
     }
@@ -77,7 +70,7 @@ impl Links {
             return slot;
         }
         let slot = self.insert(DataLink {
-            fd: None,
+            sock: None,
             node,
             epoch: 0,
             outbound: true,
@@ -116,25 +109,25 @@ impl Links {
 
     /// Gives a link its socket. An outbound link keeps what was queued, after the handshake
     /// bytes the cluster thread had not written yet; an inbound one starts with the bytes
-    /// already received. Returns (slot, generation).
+    /// already received. Returns (slot, generation) and the socket an outbound link had
+    /// before, which the caller closes.
     pub fn attach(
         &mut self,
         node: u8,
         epoch: u32,
-        fd: OwnedFd,
+        sock: Sock,
         outbound: bool,
         unsent: Vec<Bytes>,
         received: &[u8],
-    ) -> (u32, u32) {
+    ) -> (u32, u32, Option<Sock>) {
+        let mut replaced = None;
         let slot = if outbound {
             let slot = self.outbound_slot(node);
             let link = self.slots[slot as usize]
                 .1
                 .as_mut()
                 .expect("slot just found");
-            if let Some(old) = link.fd.replace(fd) {
-                shutdown(&old);
-            }
+            replaced = link.sock.replace(sock);
             link.epoch = epoch;
             for b in unsent.into_iter().rev() {
                 link.out_bytes += b.len();
@@ -143,7 +136,7 @@ impl Links {
             slot
         } else {
             let mut link = DataLink {
-                fd: Some(fd),
+                sock: Some(sock),
                 node,
                 epoch,
                 outbound: false,
@@ -161,7 +154,7 @@ impl Links {
         if !link.out.is_empty() {
             self.dirty.push(slot);
         }
-        (slot, self.slots[slot as usize].0)
+        (slot, self.slots[slot as usize].0, replaced)
     }
 
     /// The link in `slot` if it still has generation `gen`.
@@ -180,16 +173,13 @@ impl Links {
         }
     }
 
-    /// Removes a link and shuts its socket down (which ends its pending receive).
+    /// Removes a link; the caller closes its socket (which ends its pending receive).
     pub fn remove(&mut self, slot: u32) -> Option<DataLink> {
         let link = self.slots.get_mut(slot as usize)?.1.take()?;
         if link.outbound {
             if let Some(o) = self.outbound.get_mut(link.node as usize) {
                 *o = None;
             }
-        }
-        if let Some(fd) = &link.fd {
-            shutdown(fd);
         }
         Some(link)
     }
@@ -213,21 +203,12 @@ impl Links {
     }
 }
 
-fn shutdown(fd: &OwnedFd) {
-    // SAFETY: shutdown on a descriptor we own.
-    unsafe {
-        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
-    fn socket() -> OwnedFd {
-        // SAFETY: a fresh descriptor from socket(2) that we then own.
-        unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) }
+    fn socket() -> Sock {
+        Sock::Sim(1)
     }
 
     #[test]
@@ -235,7 +216,7 @@ mod tests {
         let mut links = Links::default();
         links.queue(3, Bytes::from_static(b"publish"));
         assert_eq!(links.backlog(3), 7);
-        let (slot, gen) =
+        let (slot, gen, _) =
             links.attach(3, 1, socket(), true, vec![Bytes::from_static(b"auth")], &[]);
         let l = links.get_mut(slot, gen).unwrap();
         let order: Vec<&[u8]> = l.out.iter().map(|b| &b[..]).collect();
@@ -249,7 +230,7 @@ mod tests {
     fn removing_a_node_forgets_its_outbound_link() {
         let mut links = Links::default();
         links.queue(1, Bytes::from_static(b"x"));
-        let (inbound, _) = links.attach(1, 1, socket(), false, Vec::new(), b"partial");
+        let (inbound, _, _) = links.attach(1, 1, socket(), false, Vec::new(), b"partial");
         let mut gone = links.of_node(1);
         gone.sort();
         assert_eq!(gone.len(), 2);
@@ -259,6 +240,6 @@ mod tests {
         }
         assert_eq!(links.backlog(1), 0);
         let fresh = links.outbound_slot(1);
-        assert!(links.get_slot(fresh).is_some_and(|(_, l)| l.fd.is_none()));
+        assert!(links.get_slot(fresh).is_some_and(|(_, l)| l.sock.is_none()));
     }
 }

@@ -168,7 +168,7 @@ pub struct LinkAttach {
     pub node: u8,
     /// Which time the peer came up; a loss reported for an older epoch is stale.
     pub epoch: u32,
-    pub fd: OwnedFd,
+    pub sock: crate::sock::Sock,
     /// This shard's link to `node` (true), or one of `node`'s shards' links to us.
     pub outbound: bool,
     /// Handshake bytes not yet written; they go out first.
@@ -179,7 +179,7 @@ pub struct LinkAttach {
 
 /// A client socket moving to the shard that owns its client id (its home shard).
 pub struct Handoff {
-    pub fd: OwnedFd,
+    pub sock: crate::sock::Sock,
     pub connect: Box<Connect>,
     /// Bytes received after the CONNECT packet, decoded by the new owner.
     pub leftover: Vec<u8>,

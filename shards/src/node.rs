@@ -9,7 +9,7 @@ use crate::config::BrokerConfig;
 use crate::mesh::{self, Doorbell};
 use crate::metrics::Metrics;
 use crate::node_shared::{ClusterControl, NodeShared};
-use crate::shard::Shard;
+use crate::ring_driver::RingDriver;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +102,7 @@ impl Node {
                 .name(format!("shard-{id}"))
                 .spawn(move || {
                     pin_to_core(id % cores);
-                    match Shard::new(shared.clone(), endpoint, listener) {
+                    match RingDriver::new(shared.clone(), endpoint, listener) {
                         Ok(shard) => {
                             let _ = ready.send(Ok(()));
                             if let Err(e) = shard.run() {

@@ -1,16 +1,19 @@
-//! One shard: a pinned thread that owns its listener, its io_uring, its connections, the
-//! sessions homed on it, its subscription slice, its route replica and its retained replica.
+//! One shard: the broker core of one thread, which owns its connections, the sessions homed
+//! on it, its subscription slice, its route replica and its retained replica.
 //!
 //! Nothing here is shared with another thread except through [`MeshMsg`] and the relaxed
-//! counters in [`Metrics`]. A turn of the loop: take mesh messages, take ring completions,
-//! fire due timers, write every connection that has output (one `writev` each), push mesh
-//! overflow, then sleep in the ring until a completion, the doorbell or the next timer tick.
+//! counters in [`Metrics`]. The shard is sans-IO: it calls the outside world only through
+//! its driver's [`ShardIo`] and is driven by it. A turn: [`Shard::begin_turn`] takes mesh
+//! messages, [`Shard::on_event`] takes each completion, [`Shard::end_turn`] fires due timers,
+//! writes every connection that has output (one `writev` each) and pushes mesh overflow; then
+//! the driver sleeps until a completion, the doorbell or the next timer tick (`ring_driver`
+//! on the shard's ring; the simulator on its virtual clock).
 //!
 //! Sessions live on the *home shard* of their client id (a hash of it): a socket whose CONNECT
 //! arrives on another shard is handed over with its bytes, so a client id is only ever looked
 //! up, taken over or resumed on one thread and takeover needs no cross-shard protocol.
 //!
-//! This file holds the shard's state, its loop and the completion dispatch; the handlers live
+//! This file holds the shard's state, its turn and the event dispatch; the handlers live
 //! in child modules, one per concern (`input`, `connect`, `packets`, `subscribe`, `routes`,
 //! `share`, `deliver`, `mesh_in`, `timers`, `output`, `links`; map in docs/architecture.md).
 
@@ -23,10 +26,11 @@ use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
 use crate::node_shared::{home_shard, NodeShared, QueryKind};
-use crate::ring::{Completion, Ring, Token};
 use crate::session::{Delivery, Enqueued, InflightState, Session, Subscription};
+use crate::shard_io::{Done, IoError, ShardEvent, ShardIo, Token};
 use crate::shard_set::ShardSet;
 use crate::shared::{self, Group, Member};
+use crate::sock::Sock;
 use crate::timer::{TimerWheel, TICK_MS};
 use crate::topic;
 use crate::topic_index::TopicIndex;
@@ -41,10 +45,8 @@ use shardmq_net::{
 };
 use smallvec::SmallVec;
 use std::num::NonZeroU32;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 mod connect;
 mod deliver;
@@ -60,13 +62,6 @@ mod timers;
 
 /// Output queued on a connection beyond which new messages wait in the session queue instead.
 const OUT_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// Submission queue entries of a shard's ring.
-const RING_ENTRIES: u32 = 4096;
-/// Receive buffers in a shard's pool: enough for one turn of completions; every buffer the
-/// kernel ever fills stays resident, so the pool is kept small (2 MiB per shard).
-const RECV_BUFFERS: u16 = 512;
-/// Size of one receive buffer; larger packets are assembled across several.
-const RECV_BUFFER_BYTES: usize = 4096;
 /// Mesh messages handled per turn before looking at sockets again.
 const MESH_BUDGET: usize = 4096;
 /// Mesh overflow towards one shard beyond which QoS 0 messages to it are dropped (counted), so
@@ -145,7 +140,7 @@ struct SessionEntry {
 
 /// A socket closed with a reason, half-closed and drained until EOF or its deadline.
 struct Lingering {
-    fd: OwnedFd,
+    sock: Sock,
     until_ms: u64,
     drained: usize,
 }
@@ -219,13 +214,18 @@ enum Flow {
     Stop,
 }
 
-/// The shard itself; created and run on its own thread by `node`.
+/// The shard itself; created and driven on its own thread by `ring_driver`, or by the
+/// simulator.
 pub struct Shard {
     id: usize,
     shared: Arc<NodeShared>,
-    ring: Ring,
-    listener: OwnedFd,
+    /// The driver: every socket operation, the listener and the wall clock.
+    io: Box<dyn ShardIo>,
     mesh: MeshEndpoint,
+    /// Mesh messages taken this turn (kept to reuse its buffer).
+    mesh_inbox: Vec<MeshMsg>,
+    /// Timers fired this turn (kept to reuse its buffer).
+    fired: Vec<TimerToken>,
     conns: ConnSlab,
     sessions: Vec<Option<SessionEntry>>,
     free_sessions: Vec<u32>,
@@ -267,25 +267,27 @@ pub struct Shard {
     lingering: std::collections::VecDeque<Lingering>,
     /// Persistent sessions on this shard per source address key (`origin_key`).
     sessions_by_origin: AHashMap<u32, u32>,
-    doorbell_counter: Box<u64>,
     /// Now, on the node's clock (ms), as the driver last read it.
     now_ms: u64,
 }
 
 impl Shard {
-    /// Builds shard `id` on the calling thread (the ring is bound to it).
+    /// Builds shard `mesh.id` driven by `io`. `id_seed` makes this shard's message ids
+    /// (see `Message::id`) unique per process: random for a real node, from the run's seed in
+    /// the simulator.
     pub fn new(
         shared: Arc<NodeShared>,
         mesh: MeshEndpoint,
-        listener: OwnedFd,
-    ) -> std::io::Result<Shard> {
-        let ring = Ring::new(RING_ENTRIES, RECV_BUFFERS, RECV_BUFFER_BYTES)?;
-        Ok(Shard {
+        io: Box<dyn ShardIo>,
+        id_seed: u64,
+    ) -> Shard {
+        Shard {
             id: mesh.id,
             shared,
-            ring,
-            listener,
+            io,
             mesh,
+            mesh_inbox: Vec::with_capacity(1024),
+            fired: Vec::new(),
             conns: ConnSlab::default(),
             sessions: Vec::new(),
             free_sessions: Vec::new(),
@@ -302,7 +304,7 @@ impl Shard {
             pending_ends: AHashMap::default(),
             next_token: 1,
             next_client_seq: 0,
-            next_message_id: random_id_base(),
+            next_message_id: id_base(id_seed),
             flush_list: Vec::new(),
             links: Links::default(),
             paused: false,
@@ -312,95 +314,109 @@ impl Shard {
             accept_logged_ms: None,
             lingering: std::collections::VecDeque::new(),
             sessions_by_origin: AHashMap::default(),
-            doorbell_counter: Box::new(0),
             now_ms: 0,
-        })
+        }
     }
 
     fn cfg(&self) -> &BrokerConfig {
         &self.shared.cfg
     }
 
-    /// Runs the shard until the node shuts down.
-    pub fn run(mut self) -> std::io::Result<()> {
-        self.ring.accept_multi(self.listener.as_raw_fd());
-        self.arm_doorbell();
+    /// This shard's index on its node.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Starts serving: arms accepting and, on shard 0, the `$SYS` timer. Called once, before
+    /// the first turn.
+    pub fn start(&mut self) {
+        self.io.accept();
         let sys_interval_ms = self.cfg().sys_interval_s * 1000;
         if self.id == 0 && sys_interval_ms > 0 {
             self.timers.schedule(sys_interval_ms, TimerToken::Sys);
         }
-        let mut completions = Vec::with_capacity(1024);
-        let mut mesh_msgs = Vec::with_capacity(1024);
-        let mut fired = Vec::new();
-        loop {
-            self.now_ms = self.shared.clock.now_ms();
-            if self.shared.shutdown.load(Ordering::Relaxed) {
-                self.shutdown();
-                return Ok(());
-            }
-            self.mesh.recv(MESH_BUDGET, &mut mesh_msgs);
-            let busy = !mesh_msgs.is_empty() || !completions.is_empty();
-            for m in mesh_msgs.drain(..) {
-                self.on_mesh(m);
-            }
-            for c in completions.drain(..) {
-                self.on_completion(c);
-            }
-            self.timers.advance(self.now_ms, &mut fired);
-            for t in fired.drain(..) {
-                self.on_timer(t);
-            }
-            self.run_sub_jobs();
-            self.flush_conns();
-            self.flush_links();
-            let backlog = self.mesh.flush();
-            self.apply_backpressure();
-            let wait = !busy
-                && !backlog
-                && !self.sub_jobs.has_work()
-                && self.flush_list.is_empty()
-                && self.links.dirty.is_empty()
-                && self.mesh.park();
-            self.ring
-                .submit_and_collect(wait, Duration::from_millis(TICK_MS), &mut completions)?;
-            if wait {
-                self.mesh.unpark();
-            }
+    }
+
+    /// Begins a turn at `now_ms` (the node's clock): takes up to `MESH_BUDGET` mesh
+    /// messages and handles them. Returns true when there were any. The driver then hands
+    /// over this turn's completions ([`Shard::on_event`]) and ends it ([`Shard::end_turn`]).
+    pub fn begin_turn(&mut self, now_ms: u64) -> bool {
+        debug_assert!(now_ms >= self.now_ms, "the node's clock does not go back");
+        self.now_ms = now_ms;
+        let mut inbox = std::mem::take(&mut self.mesh_inbox);
+        self.mesh.recv(MESH_BUDGET, &mut inbox);
+        let any = !inbox.is_empty();
+        for m in inbox.drain(..) {
+            self.on_mesh(m);
         }
+        self.mesh_inbox = inbox;
+        any
     }
 
-    fn arm_doorbell(&mut self) {
-        let fd = self.mesh.doorbell().raw_fd();
-        let counter: *mut u64 = &mut *self.doorbell_counter;
-        // SAFETY: the counter is boxed and owned by the shard, which outlives the ring's use.
-        unsafe { self.ring.read_doorbell(fd, counter) };
+    /// Ends a turn: fires due timers, works on SUBSCRIBE jobs, writes every connection and
+    /// link with output, pushes mesh overflow and applies backpressure. Returns true when
+    /// work is pending, so the driver must not sleep.
+    pub fn end_turn(&mut self) -> bool {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.timers.advance(self.now_ms, &mut fired);
+        for t in fired.drain(..) {
+            self.on_timer(t);
+        }
+        self.fired = fired;
+        self.run_sub_jobs();
+        self.flush_conns();
+        self.flush_links();
+        let backlog = self.mesh.flush();
+        self.apply_backpressure();
+        backlog
+            || self.sub_jobs.has_work()
+            || !self.flush_list.is_empty()
+            || !self.links.dirty.is_empty()
     }
 
-    // ---------------------------------------------------------------- completions
+    /// Tells the mesh this shard is about to sleep, so that senders ring its doorbell; false
+    /// when a message arrived meanwhile (do not sleep). [`Shard::wake`] after the sleep.
+    pub fn try_sleep(&mut self) -> bool {
+        self.mesh.park()
+    }
 
-    fn on_completion(&mut self, c: Completion) {
-        match c.token {
-            Token::Accept => self.on_accept(c),
-            Token::Recv { slot, gen } => self.on_recv(slot, gen, c),
+    /// The shard is awake again after [`Shard::try_sleep`] returned true.
+    pub fn wake(&mut self) {
+        self.mesh.unpark();
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// Handles one completion of an operation started through the driver.
+    pub fn on_event(&mut self, ev: ShardEvent<'_>) {
+        let ShardEvent {
+            token,
+            result,
+            more,
+        } = ev;
+        match token {
+            Token::Accept => self.on_accept(result, more),
+            Token::Recv { slot, gen } => self.on_recv(slot, gen, result, more),
             Token::Writable { slot, gen } => {
                 if let Some(conn) = self.conns.get_mut(slot, gen) {
                     conn.write_blocked = false;
                     self.mark_dirty(slot);
                 }
             }
-            Token::Doorbell => self.arm_doorbell(),
-            Token::LinkRecv { slot, gen } => self.on_link_recv(slot, gen, c),
+            Token::LinkRecv { slot, gen } => self.on_link_recv(slot, gen, result, more),
             Token::LinkWritable { slot, gen } => {
                 if let Some(link) = self.links.get_mut(slot, gen) {
                     link.write_blocked = false;
                     self.links.dirty.push(slot);
                 }
             }
-            Token::Ignore => {}
+            // The driver's own (mesh doorbell, cancellations): never started by the core.
+            Token::Doorbell | Token::Ignore => {}
         }
     }
 
-    fn shutdown(&mut self) {
+    /// Stops the shard: every connection is closed with "server shutting down".
+    pub fn shutdown(&mut self) {
         if self.paused {
             self.shared
                 .metrics
@@ -470,41 +486,21 @@ fn options_from_byte(b: u8) -> SubscriptionOptions {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Errors of accept that mean the process or system is out of descriptors or memory.
-fn is_resource_shortage(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-    )
-}
-
-/// Closes a socket now; the shutdown first ends any receive the ring still has on it (the
+/// Closes a socket now; the shutdown first ends any receive the driver still has on it (the
 /// ring holds the file until that completes).
-fn close_now(fd: OwnedFd) {
-    // SAFETY: shutdown on a descriptor we own.
-    unsafe {
-        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-    }
+fn close_now(io: &mut dyn ShardIo, sock: Sock) {
+    io.shutdown(&sock, std::net::Shutdown::Both);
+    io.close(sock);
 }
 
 /// The key a client's source address is counted under for `mqtt.max_sessions_per_ip`: an
 /// IPv4 address (also when IPv4-mapped), or an IPv6 /64 (one subscriber's usual allocation)
 /// folded to 32 bits (two prefixes may share a quota); 0 when the address cannot be read.
-fn origin_key(fd: std::os::fd::RawFd) -> u32 {
-    // SAFETY: the TcpStream borrows a descriptor the connection owns and is never dropped
-    // (ManuallyDrop), so it does not close it; only getpeername is called on it.
-    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    let Ok(addr) = stream.peer_addr() else {
+fn origin_key(ip: Option<std::net::IpAddr>) -> u32 {
+    let Some(ip) = ip else {
         return 0;
     };
-    let key = match addr.ip() {
+    let key = match ip {
         std::net::IpAddr::V4(ip) => u32::from(ip),
         std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
             Some(ip) => u32::from(ip),
@@ -521,11 +517,11 @@ fn conn_token(slot: u32, gen: u32) -> u64 {
     ((gen as u64) << 32) | slot as u64
 }
 
-/// A random upper half for this shard's message ids, never zero (0 means "no id").
-fn random_id_base() -> u64 {
-    use std::hash::BuildHasher;
-    let high = std::collections::hash_map::RandomState::new().hash_one(std::process::id()) >> 32;
-    high.max(1) << 32
+/// The upper half of this shard's message ids from the driver's seed (all 64 bits count),
+/// never zero (0 means "no id").
+fn id_base(seed: u64) -> u64 {
+    let high = (seed ^ (seed >> 32)) as u32;
+    (high.max(1) as u64) << 32
 }
 
 /// How long (s) the session of this CONNECT outlives its connection, within the broker's

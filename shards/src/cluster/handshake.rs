@@ -252,7 +252,7 @@ impl Cluster {
         let attach = crate::mesh::LinkAttach {
             node: p as u8,
             epoch: self.peers[p].epoch,
-            fd: std::os::fd::OwnedFd::from(l.stream),
+            sock: std::os::fd::OwnedFd::from(l.stream).into(),
             outbound,
             unsent,
             received,

@@ -76,7 +76,7 @@ impl Shard {
                 return Flow::Stop;
             };
             let handoff = Handoff {
-                fd: conn.fd,
+                sock: conn.sock,
                 connect,
                 leftover: leftover.to_vec(),
                 assigned,
@@ -90,21 +90,20 @@ impl Shard {
 
     pub(super) fn on_handoff(&mut self, h: Handoff) {
         let Handoff {
-            fd,
+            sock,
             connect,
             leftover,
             assigned,
         } = h;
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let mut conn = Conn::new(fd, deadline);
+        let mut conn = Conn::new(sock, deadline);
         conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);
         self.timers
             .schedule(deadline, TimerToken::Conn { slot, gen });
         self.attach(slot, gen, connect, assigned);
         if let Some(conn) = self.conns.get_mut(slot, gen) {
-            let fd = conn.raw_fd();
-            self.ring.recv_multi(fd, slot, gen);
+            self.io.recv(&conn.sock, Token::Recv { slot, gen }, true);
             if !leftover.is_empty() {
                 self.on_bytes(slot, gen, &leftover);
             }
@@ -132,7 +131,7 @@ impl Shard {
                 want_session,
                 token,
                 shard: self.id as u16,
-                at_ms: unix_ms(),
+                at_ms: self.io.unix_ms(),
             };
             self.mesh.send(cluster, msg);
             if want_session {
@@ -444,7 +443,7 @@ impl Shard {
             origin = self
                 .conns
                 .get_mut(slot, gen)
-                .map_or(0, |c| origin_key(c.raw_fd()));
+                .map_or(0, |c| origin_key(self.io.peer_ip(&c.sock)));
             let creates = match existing {
                 None => true,
                 Some(sidx) => clean_start || self.session(sidx).session.ephemeral,
@@ -496,6 +495,7 @@ impl Shard {
             }
             None => self.new_session(client_id.clone(), ephemeral),
         };
+        let connected_at_ms = self.io.unix_ms();
         {
             let entry = self.session_mut(sidx);
             entry.conn = Some(slot);
@@ -504,7 +504,7 @@ impl Shard {
             // A session resumed before its will delay ran out keeps its will unsent
             // (MQTT-3.1.3-9).
             entry.pending_will = None;
-            entry.connected_at_ms = unix_ms();
+            entry.connected_at_ms = connected_at_ms;
             // Resumed here (no peer was up to take it): it is not moving any more.
             entry.moving_to = None;
         }

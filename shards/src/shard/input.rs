@@ -6,8 +6,8 @@
 use super::*;
 
 impl Shard {
-    pub(super) fn on_accept(&mut self, c: Completion) {
-        if c.result < 0 && is_resource_shortage(-c.result) {
+    pub(super) fn on_accept(&mut self, result: Result<Done<'_>, IoError>, more: bool) {
+        if result.as_ref().is_err_and(|e| *e == IoError::NoDescriptors) {
             // Out of descriptors (or memory): the connection stays in the backlog. Accepting
             // again at once fails again at once, so wait, count, and log once per interval.
             Metrics::add(&self.shared.metrics.accept_errors_no_fd, 1);
@@ -18,35 +18,32 @@ impl Shard {
                 .is_none_or(|t| now >= t + ACCEPT_LOG_INTERVAL_MS)
             {
                 log::warn!(
-                    "shard {}: accept failed {} time(s): {}; retrying every {ACCEPT_BACKOFF_MS} ms",
+                    "shard {}: accept failed {} time(s): out of descriptors or memory; \
+                     retrying every {ACCEPT_BACKOFF_MS} ms",
                     self.id,
                     self.accept_failures,
-                    std::io::Error::from_raw_os_error(-c.result)
                 );
                 self.accept_failures = 0;
                 self.accept_logged_ms = Some(now);
             }
-            if !c.more() {
+            if !more {
                 self.timers
                     .schedule(now + ACCEPT_BACKOFF_MS, TimerToken::Accept);
             }
             return;
         }
-        if !c.more() {
-            self.ring.accept_multi(self.listener.as_raw_fd());
+        if !more {
+            self.io.accept();
         }
-        if c.result < 0 {
-            if c.result != -libc::ECANCELED {
-                log::warn!(
-                    "shard {}: accept failed: {}",
-                    self.id,
-                    std::io::Error::from_raw_os_error(-c.result)
-                );
+        let sock = match result {
+            Ok(Done::Accepted(sock)) => sock,
+            Ok(_) => return,
+            Err(IoError::Cancelled) => return,
+            Err(e) => {
+                log::warn!("shard {}: accept failed: {e}", self.id);
+                return;
             }
-            return;
-        }
-        // SAFETY: a successful accept returns a new descriptor that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+        };
         let m = &self.shared.metrics;
         let max = self.cfg().max_connections;
         let live = m.connections.fetch_add(1, Ordering::Relaxed);
@@ -59,84 +56,86 @@ impl Shard {
                 "shard {}: closing new connection: max_connections reached",
                 self.id
             );
+            self.io.close(sock);
             return;
         }
         Metrics::add(&m.connections_total, 1);
         let deadline = self.now_ms + self.cfg().connect_timeout_ms;
-        let mut conn = Conn::new(fd, deadline);
+        let mut conn = Conn::new(sock, deadline);
         conn.over_quota = live >= max;
         conn.timer_ms = deadline;
         let (slot, gen) = self.conns.insert(conn);
-        let raw = self
-            .conns
-            .get_mut(slot, gen)
-            .map(|c| c.raw_fd())
-            .unwrap_or(-1);
-        self.ring.recv_once(raw, slot, gen);
+        if let Some(conn) = self.conns.get_mut(slot, gen) {
+            self.io.recv(&conn.sock, Token::Recv { slot, gen }, false);
+        }
         self.timers
             .schedule(deadline, TimerToken::Conn { slot, gen });
     }
 
-    pub(super) fn on_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
-        // Owned here and given back to the pool when dropped, on every path below (a buffer
-        // on a completion without data included).
-        let buf = c.take_buffer();
+    pub(super) fn on_recv(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        result: Result<Done<'_>, IoError>,
+        more: bool,
+    ) {
+        // The bytes live in the driver's buffer (the ring's pool) until this returns.
         let live = self.conns.get_mut(slot, gen).is_some();
         if !live {
             return;
         }
-        if c.result > 0 && self.paused && self.park(slot, gen, c.more()) {
-            // Cluster backpressure: keep what already arrived, read no more.
-            let len = c.result as usize;
-            Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(buf) = &buf {
-                if let Some(conn) = self.conns.get_mut(slot, gen) {
-                    conn.partial.extend_from_slice(buf.bytes());
-                    if conn.keepalive_ms > 0 {
-                        conn.deadline_ms = self.now_ms + conn.keepalive_ms;
-                    }
-                }
-            }
-            return;
-        }
-        if c.result > 0 {
-            let len = c.result as usize;
-            Metrics::add(&self.shared.metrics.bytes_received, len as u64);
-            if let Some(buf) = &buf {
-                // Decoded straight from the pool buffer, which `buf` owns until it is dropped.
-                self.on_bytes(slot, gen, buf.bytes());
-            }
-        } else if c.result == 0 {
-            if self.sub_jobs.holds(slot, gen) {
-                self.sub_jobs.eof_while_held(slot, gen);
+        let data = match result {
+            Ok(Done::Data(data)) => Some(data),
+            // Not a receive's result; nothing to do.
+            Ok(_) => return,
+            Err(IoError::NoBuffers | IoError::Cancelled) => None,
+            Err(e) => {
+                log::debug!("shard {}: recv on {slot}: {e}", self.id);
+                self.close(slot, Close::Abnormal);
                 return;
             }
-            if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
-                // What a paused client sent before it closed still counts (a DISCONNECT
-                // among it keeps its will from being published).
-                self.on_bytes(slot, gen, &[]);
+        };
+        match data {
+            Some(data) if !data.is_empty() => {
+                Metrics::add(&self.shared.metrics.bytes_received, data.len() as u64);
+                if self.paused && self.park(slot, gen, more) {
+                    // Cluster backpressure: keep what already arrived, read no more.
+                    if let Some(conn) = self.conns.get_mut(slot, gen) {
+                        conn.partial.extend_from_slice(data);
+                        if conn.keepalive_ms > 0 {
+                            conn.deadline_ms = self.now_ms + conn.keepalive_ms;
+                        }
+                    }
+                    return;
+                }
+                // Decoded straight from the driver's buffer.
+                self.on_bytes(slot, gen, data);
             }
-            self.close(slot, Close::Abnormal);
-            return;
-        } else if c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED {
-            log::debug!(
-                "shard {}: recv on {slot}: {}",
-                self.id,
-                std::io::Error::from_raw_os_error(-c.result)
-            );
-            self.close(slot, Close::Abnormal);
-            return;
+            Some(_) => {
+                // End of stream: the client closed.
+                if self.sub_jobs.holds(slot, gen) {
+                    self.sub_jobs.eof_while_held(slot, gen);
+                    return;
+                }
+                if self.conns.get_mut(slot, gen).is_some_and(|c| c.parked) {
+                    // What a paused client sent before it closed still counts (a DISCONNECT
+                    // among it keeps its will from being published).
+                    self.on_bytes(slot, gen, &[]);
+                }
+                self.close(slot, Close::Abnormal);
+                return;
+            }
+            None => {}
         }
         // A cancelled receive was cancelled by `park`; `resume` arms a new one.
-        if !c.more() && c.result != -libc::ECANCELED {
+        if !more && !matches!(result, Err(IoError::Cancelled)) {
             if let Some(conn) = self.conns.get_mut(slot, gen).filter(|c| !c.parked) {
-                let fd = conn.raw_fd();
-                match conn.state {
-                    ConnState::Connecting | ConnState::Resuming => {
-                        self.ring.recv_once(fd, slot, gen)
-                    }
-                    ConnState::Active => self.ring.recv_multi(fd, slot, gen),
-                }
+                let multishot = match conn.state {
+                    ConnState::Connecting | ConnState::Resuming => false,
+                    ConnState::Active => true,
+                };
+                self.io
+                    .recv(&conn.sock, Token::Recv { slot, gen }, multishot);
             }
         }
     }

@@ -7,45 +7,51 @@ use super::*;
 impl Shard {
     pub(super) fn on_link_attach(&mut self, a: LinkAttach) {
         let node = a.node;
-        let (slot, gen) = self
-            .links
-            .attach(node, a.epoch, a.fd, a.outbound, a.unsent, &a.received);
-        let fd = self
-            .links
-            .get_mut(slot, gen)
-            .and_then(|l| l.raw_fd())
-            .expect("attached with a socket");
+        let (slot, gen, replaced) =
+            self.links
+                .attach(node, a.epoch, a.sock, a.outbound, a.unsent, &a.received);
+        if let Some(old) = replaced {
+            close_now(&mut *self.io, old);
+        }
         log::debug!(
             "shard {}: data link {} node {node} attached",
             self.id,
             if a.outbound { "to" } else { "from" }
         );
-        self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+        if let Some(sock) = self.links.get_mut(slot, gen).and_then(|l| l.sock.as_ref()) {
+            self.io.recv(sock, Token::LinkRecv { slot, gen }, true);
+        }
         if !a.received.is_empty() {
             self.link_frames(slot, gen);
         }
     }
 
-    pub(super) fn on_link_recv(&mut self, slot: u32, gen: u32, mut c: Completion) {
-        // Given back to the pool when dropped, whatever the result.
-        let buf = c.take_buffer();
+    pub(super) fn on_link_recv(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        result: Result<Done<'_>, IoError>,
+        more: bool,
+    ) {
         let Some(link) = self.links.get_mut(slot, gen) else {
             return;
         };
-        if c.result > 0 {
-            if let Some(buf) = buf {
-                link.reader.extend(buf.bytes());
+        match result {
+            Ok(Done::Data(data)) if !data.is_empty() => {
+                link.reader.extend(data);
+                if !self.link_frames(slot, gen) {
+                    return;
+                }
             }
-            if !self.link_frames(slot, gen) {
+            Err(IoError::NoBuffers | IoError::Cancelled) => {}
+            _ => {
+                self.link_lost(slot, "closed by peer");
                 return;
             }
-        } else if c.result == 0 || (c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED) {
-            self.link_lost(slot, "closed by peer");
-            return;
         }
-        if !c.more() {
-            if let Some(fd) = self.links.get_mut(slot, gen).and_then(|l| l.raw_fd()) {
-                self.ring.recv_multi_as(fd, Token::LinkRecv { slot, gen });
+        if !more {
+            if let Some(sock) = self.links.get_mut(slot, gen).and_then(|l| l.sock.as_ref()) {
+                self.io.recv(sock, Token::LinkRecv { slot, gen }, true);
             }
         }
     }
@@ -103,6 +109,9 @@ impl Shard {
         let Some(link) = self.links.remove(slot) else {
             return;
         };
+        if let Some(sock) = link.sock {
+            close_now(&mut *self.io, sock);
+        }
         log::info!(
             "shard {}: data link with node {} lost: {why}",
             self.id,
@@ -127,16 +136,22 @@ impl Shard {
             let Some((gen, link)) = self.links.get_slot(slot) else {
                 continue;
             };
-            let Some(fd) = link.raw_fd() else { continue };
+            let Some(sock) = &link.sock else { continue };
             if link.write_blocked || link.out.is_empty() {
                 continue;
             }
-            match write_queue::<LINK_IOV_MAX>(fd, &mut link.out, &mut link.out_bytes, &mut writes) {
+            let io = &mut *self.io;
+            match write_queue::<LINK_IOV_MAX>(
+                io,
+                sock,
+                &mut link.out,
+                &mut link.out_bytes,
+                &mut writes,
+            ) {
                 Ok(true) => {}
                 Ok(false) => {
                     link.write_blocked = true;
-                    self.ring
-                        .poll_writable_as(fd, Token::LinkWritable { slot, gen });
+                    io.poll_writable(sock, Token::LinkWritable { slot, gen });
                 }
                 Err(e) => self.link_lost(slot, &e.to_string()),
             }
@@ -192,7 +207,7 @@ impl Shard {
             conn.parked = true;
             self.parked.push((slot, gen));
             if armed {
-                self.ring.cancel(Token::Recv { slot, gen });
+                self.io.cancel(Token::Recv { slot, gen });
             }
         }
         true
@@ -217,9 +232,8 @@ impl Shard {
             return;
         };
         conn.parked = false;
-        let fd = conn.raw_fd();
         let stashed = !conn.partial.is_empty();
-        self.ring.recv_multi(fd, slot, gen);
+        self.io.recv(&conn.sock, Token::Recv { slot, gen }, true);
         if stashed {
             self.on_bytes(slot, gen, &[]);
         }

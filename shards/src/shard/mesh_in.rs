@@ -24,7 +24,9 @@ impl Shard {
             MeshMsg::NodeDown { node } => {
                 self.node_down(node);
                 for slot in self.links.of_node(node) {
-                    self.links.remove(slot);
+                    if let Some(sock) = self.links.remove(slot).and_then(|l| l.sock) {
+                        close_now(&mut *self.io, sock);
+                    }
                 }
             }
             MeshMsg::RemoteTakeover {

@@ -55,14 +55,14 @@ impl Shard {
                 continue;
             }
             let before = conn.out_bytes;
-            match conn.flush() {
+            match conn.flush(&mut *self.io) {
                 Ok(done) => {
                     let written = before - conn.out_bytes;
                     Metrics::add(&self.shared.metrics.bytes_sent, written as u64);
                     if !done {
                         conn.write_blocked = true;
-                        let fd = conn.raw_fd();
-                        self.ring.poll_writable(fd, slot, gen);
+                        self.io
+                            .poll_writable(&conn.sock, Token::Writable { slot, gen });
                     } else if conn.state == ConnState::Active {
                         // The socket drained: let queued messages follow.
                         let sidx = conn.session;
@@ -117,23 +117,21 @@ impl Shard {
             return;
         };
         // Best effort: the last packets (CONNACK refusal, DISCONNECT) before the FIN.
-        let _ = conn.flush();
+        let _ = conn.flush(&mut *self.io);
         let will = match why {
             Close::Abnormal | Close::Error(_) | Close::OutputOverflow => conn.will.take(),
             Close::Graceful => conn.will.take(), // only kept for v5 reason 0x04
             Close::TakenOver | Close::Shutdown => None,
         };
         let sidx = conn.session;
-        let Conn { fd, .. } = conn;
+        let Conn { sock, .. } = conn;
         if matches!(why, Close::Error(_)) {
             // A reason was sent: let the client read it (see LINGER_MS).
-            self.linger(fd);
+            self.linger(sock);
         } else {
-            // SAFETY: shutdown on a descriptor we own; it ends any pending receive on the
-            // ring, whose completion is then ignored by generation.
-            unsafe {
-                libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-            }
+            // The shutdown ends any pending receive on the ring, whose completion is then
+            // ignored by generation.
+            close_now(&mut *self.io, sock);
         }
         self.shared
             .metrics
@@ -176,14 +174,12 @@ impl Shard {
     /// Half-closes a socket that was just told why it is closed and keeps it, drained, until
     /// the client closes too or `LINGER_MS` pass: closing with its input unread would make
     /// the kernel reset the connection, and the client would never read the reason.
-    fn linger(&mut self, fd: OwnedFd) {
-        // SAFETY: shutdown on a descriptor we own; sends FIN after the queued reason.
-        unsafe {
-            libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR);
-        }
+    fn linger(&mut self, sock: Sock) {
+        // Sends FIN after the queued reason.
+        self.io.shutdown(&sock, std::net::Shutdown::Write);
         if self.lingering.len() >= LINGER_SOCKETS_MAX {
             if let Some(old) = self.lingering.pop_front() {
-                close_now(old.fd);
+                close_now(&mut *self.io, old.sock);
             }
         }
         if self.lingering.is_empty() {
@@ -191,7 +187,7 @@ impl Shard {
                 .schedule(self.now_ms + TICK_MS, TimerToken::Linger);
         }
         self.lingering.push_back(Lingering {
-            fd,
+            sock,
             until_ms: self.now_ms + LINGER_MS,
             drained: 0,
         });
@@ -205,35 +201,25 @@ impl Shard {
         let mut kept = std::collections::VecDeque::with_capacity(self.lingering.len());
         for mut l in self.lingering.drain(..) {
             let open = loop {
-                // SAFETY: reads into a stack buffer of the length given, from an owned fd.
-                let n = unsafe {
-                    libc::recv(
-                        l.fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    l.drained += n as usize;
-                    if l.drained > LINGER_DRAIN_BYTES_MAX {
-                        break false;
+                match self.io.read_now(&l.sock, &mut buf) {
+                    Ok(0) => break false, // EOF: the client read the reason and closed.
+                    Ok(n) => {
+                        l.drained += n;
+                        if l.drained > LINGER_DRAIN_BYTES_MAX {
+                            break false;
+                        }
                     }
-                    continue;
-                }
-                if n < 0 {
-                    match std::io::Error::last_os_error().kind() {
+                    Err(e) => match e.kind() {
                         std::io::ErrorKind::Interrupted => continue,
                         std::io::ErrorKind::WouldBlock => break now < l.until_ms,
                         _ => break false,
-                    }
+                    },
                 }
-                break false; // EOF: the client read the reason and closed.
             };
             if open {
                 kept.push_back(l);
             } else {
-                close_now(l.fd);
+                close_now(&mut *self.io, l.sock);
             }
         }
         self.lingering = kept;

@@ -7,7 +7,7 @@ use super::*;
 impl Shard {
     pub(super) fn on_timer(&mut self, token: TimerToken) {
         match token {
-            TimerToken::Accept => self.ring.accept_multi(self.listener.as_raw_fd()),
+            TimerToken::Accept => self.io.accept(),
             TimerToken::Linger => self.drain_lingering(),
             TimerToken::Will(sidx) => self.on_will_timer(sidx, token),
             TimerToken::Sys => {
