@@ -16,7 +16,7 @@
 //!
 //! Everything a peer sends is hostile input, before and after the handshake: a link that has
 //! not proven the cookie may send small frames only, must finish within
-//! [`HANDSHAKE_TIMEOUT`], and only [`HANDSHAKES_MAX`] such links are accepted at once; an
+//! [`HANDSHAKE_TIMEOUT_MS`], and only [`HANDSHAKES_MAX`] such links are accepted at once; an
 //! authenticated peer's filters, topics, names, member lists and session transfers are checked
 //! as a client's would be before they reach a shard, the disk or a dial.
 //!
@@ -64,17 +64,16 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
 
 /// Most peers a node links to (node indices are bits of a `u64`).
 pub const PEERS_MAX: usize = 64;
 /// Time a new link has to complete the handshake (a dialled one: to connect, too).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Most accepted links in their handshake at once; more are closed at accept (and counted in
-/// one log line per [`REFUSED_LOG_INTERVAL`]). A node's peers open one link per shard each
+/// one log line per [`REFUSED_LOG_INTERVAL_MS`]). A node's peers open one link per shard each
 /// when they come up, so this is far above what a cluster needs at a time.
 pub const HANDSHAKES_MAX: usize = 256;
-const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+const REFUSED_LOG_INTERVAL_MS: u64 = 10_000;
 /// Bytes queued to one link before the peer is deemed not to read: the link is closed (the
 /// peer goes down and is re-synced when it is back) rather than queueing without bound.
 pub const LINK_OUT_MAX_BYTES: usize = 256 * 1024 * 1024;
@@ -83,7 +82,9 @@ const READ_BUDGET_BYTES: usize = 1024 * 1024;
 /// How far a peer's takeover time may lie in the past (ms); it is never taken from the future.
 const TAKEOVER_SKEW_MAX_MS: u64 = 10_000;
 /// Time a node waits for the other nodes' sessions before answering a resuming CONNECT.
-const SESSION_WAIT: Duration = Duration::from_secs(3);
+const SESSION_WAIT_MS: u64 = 3_000;
+/// Time a node waits for its shards' and the other nodes' rows of a listing.
+const QUERY_WAIT_MS: u64 = 3_000;
 
 /// Who asked a pending query.
 enum QueryOrigin {
@@ -98,7 +99,8 @@ struct PendingQuery {
     shards_left: usize,
     peers_left: HashSet<usize>,
     rows: Vec<String>,
-    deadline: Instant,
+    /// On the node's clock (ms).
+    deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,15 +117,16 @@ struct Peer {
     addr: String,
     state: PeerState,
     link: Option<usize>,
-    last_dial: Option<Instant>,
+    /// When we last dialled it (node clock, ms).
+    last_dial_ms: Option<u64>,
     uptime_s: u64,
     connections: u64,
     routes: HashSet<String>,
     route_seq: u64,
     /// Bumped each time the peer comes up; data links carry it.
     epoch: u32,
-    /// Since when it is down (for autoclean).
-    down_since: Instant,
+    /// Since when it is down (for autoclean; node clock, ms).
+    down_since_ms: u64,
 }
 
 /// One TCP connection to a peer, before or after the handshake.
@@ -144,8 +147,9 @@ struct Link {
     peer_addr: String,
     authed: bool,
     hello_seen: bool,
-    started: Instant,
-    last_rx: Instant,
+    /// When the link was opened and last read from (node clock, ms).
+    started_ms: u64,
+    last_rx_ms: u64,
     closed: bool,
     /// A data link: the dialling node's shard it carries frames from.
     data_shard: Option<u16>,
@@ -162,7 +166,8 @@ struct PendingTakeover {
     client_id: Arc<str>,
     waiting: HashSet<u8>,
     found: Option<Box<SessionExport>>,
-    deadline: Instant,
+    /// On the node's clock (ms).
+    deadline_ms: u64,
 }
 
 /// The cluster thread's state.
@@ -189,13 +194,15 @@ pub struct Cluster {
     takeover_ends: Vec<(Arc<str>, u8)>,
     queries: HashMap<u64, PendingQuery>,
     next_query: u64,
-    started: Instant,
+    /// When the thread started (node clock, ms), for the uptime it reports.
+    started_at_ms: u64,
+    /// When it started in Unix ms, told to peers in `Hello`.
     started_ms: u64,
-    last_heartbeat: Instant,
+    last_heartbeat_ms: u64,
     /// Accepts refused because [`HANDSHAKES_MAX`] links were in their handshake, since the
     /// last log line about it.
     refused_accepts: u64,
-    refused_logged: Option<Instant>,
+    refused_logged_ms: Option<u64>,
     scratch: BytesMut,
     /// Now, on the node's clock (ms), as the driver last read it.
     now_ms: u64,
@@ -267,11 +274,11 @@ impl Cluster {
             takeover_ends: Vec::new(),
             queries: HashMap::new(),
             next_query: 1,
-            started: Instant::now(),
+            started_at_ms: 0,
             started_ms: now.as_millis() as u64,
-            last_heartbeat: Instant::now(),
+            last_heartbeat_ms: 0,
             refused_accepts: 0,
-            refused_logged: None,
+            refused_logged_ms: None,
             scratch: BytesMut::with_capacity(64 * 1024),
             now_ms: 0,
         })

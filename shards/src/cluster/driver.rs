@@ -5,9 +5,15 @@
 
 use super::*;
 
+/// Longest sleep in `poll(2)`: the heartbeat and the deadlines are checked at least this often.
+const POLL_TIMEOUT_MS: i32 = 100;
+
 impl Cluster {
     /// Runs until `stop` is set.
     pub fn run(mut self, stop: &AtomicBool) {
+        self.now_ms = self.metrics.clock.now_ms();
+        self.started_at_ms = self.now_ms;
+        self.last_heartbeat_ms = self.now_ms;
         if self.listener.is_some() {
             self.load_members();
             if let Discovery::Static(seeds) = self.cfg.discovery.clone() {
@@ -20,7 +26,7 @@ impl Cluster {
         }
         let mut msgs = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            self.poll_once(Duration::from_millis(100));
+            self.poll_once(POLL_TIMEOUT_MS);
             self.now_ms = self.metrics.clock.now_ms();
             msgs.clear();
             self.mesh.recv(MESH_BUDGET, &mut msgs);
@@ -55,7 +61,7 @@ impl Cluster {
 
     // ------------------------------------------------------------------ I/O plumbing
 
-    pub(super) fn poll_once(&mut self, timeout: Duration) {
+    pub(super) fn poll_once(&mut self, timeout_ms: i32) {
         let mut fds = vec![libc::pollfd {
             fd: self.mesh.doorbell().raw_fd(),
             events: libc::POLLIN,
@@ -83,13 +89,7 @@ impl Cluster {
             return;
         }
         // SAFETY: fds is a live array of pollfd of the given length.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis() as i32,
-            )
-        };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         self.mesh.unpark();
         if fds[0].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
@@ -116,8 +116,8 @@ impl Cluster {
                 drop(stream);
                 self.refused_accepts += 1;
                 if self
-                    .refused_logged
-                    .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL)
+                    .refused_logged_ms
+                    .is_none_or(|t| self.now_ms.saturating_sub(t) >= REFUSED_LOG_INTERVAL_MS)
                 {
                     log::warn!(
                         "cluster: refused {} link(s): {HANDSHAKES_MAX} links are already in \
@@ -125,7 +125,7 @@ impl Cluster {
                         self.refused_accepts
                     );
                     self.refused_accepts = 0;
-                    self.refused_logged = Some(Instant::now());
+                    self.refused_logged_ms = Some(self.now_ms);
                 }
                 continue;
             }
@@ -159,8 +159,8 @@ impl Cluster {
             peer_addr,
             authed: false,
             hello_seen: false,
-            started: Instant::now(),
-            last_rx: Instant::now(),
+            started_ms: self.now_ms,
+            last_rx_ms: self.now_ms,
             closed: false,
             data_shard: None,
             data_out: false,
@@ -254,7 +254,7 @@ impl Cluster {
                         break;
                     }
                     Ok(n) => {
-                        link.last_rx = Instant::now();
+                        link.last_rx_ms = self.now_ms;
                         link.reader.extend(&buf[..n]);
                         budget -= n;
                     }
@@ -351,7 +351,7 @@ impl Cluster {
             if self.peers[p].state == PeerState::Up {
                 log::warn!("cluster: node {name} is down ({why})");
                 self.peers[p].state = PeerState::Down;
-                self.peers[p].down_since = Instant::now();
+                self.peers[p].down_since_ms = self.now_ms;
                 self.peer_down(p);
             }
         }
