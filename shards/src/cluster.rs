@@ -4,7 +4,10 @@
 //!
 //! It is the last endpoint of the mesh, so shards talk to it exactly as to each other. Control
 //! links are plain non-blocking TCP sockets driven by `poll(2)` together with the endpoint's
-//! doorbell. Messages do not pass through here: when a peer comes up, this thread dials one
+//! doorbell ([`PollDriver`]). The state and every decision ([`Cluster`]) are a sans-IO core: it
+//! holds its links as opaque [`Sock`]s, asks the world for sockets, nonces, the wall clock and
+//! the saved member list through a [`ClusterIo`], and is handed the time on the node's clock
+//! with each [`Cluster::turn`], so the simulator can run it on a virtual network. Messages do not pass through here: when a peer comes up, this thread dials one
 //! *data link* per local shard to it, authenticates each, and hands the socket to its shard
 //! (see [`crate::link`]); the peer hands the accepting end to one of its shards. A data link
 //! that fails takes the peer down, and everything is set up anew when it is back.
@@ -22,7 +25,10 @@
 //!
 //! Where it lives:
 //! - [`config`]: settings, node names and cluster addresses, and their checks.
-//! - [`driver`]: the `poll(2)` loop, accepting, dialling, reading and writing links.
+//! - [`driver`]: one round of the thread ([`Cluster::turn`]), accepting, dialling, reading and
+//!   writing links under their bounds.
+//! - [`io`]: [`ClusterIo`], everything the core asks of the world.
+//! - [`poll_driver`]: the thread's `poll(2)` loop, and [`ClusterIo`] on real sockets and disk.
 //! - [`handshake`]: `Hello`/`Auth` (HMAC proof of the cookie), a link coming up.
 //! - [`membership`]: peers, the member list, heartbeats, redial, autoclean, join/leave.
 //! - [`peer_frames`]: what an authenticated peer sends (one dispatch, all checked).
@@ -33,8 +39,10 @@
 mod config;
 mod driver;
 mod handshake;
+mod io;
 mod membership;
 mod peer_frames;
+mod poll_driver;
 mod queries;
 mod replication;
 mod session_move;
@@ -44,6 +52,9 @@ pub use config::{
     exposed_with_shipped_cookie, name_matches_ip, node_addr, valid_cluster_addr, valid_node_name,
     ClusterConfig, Discovery, DEFAULT_PORT, NODE_NAME_MAX_BYTES, SHIPPED_COOKIE,
 };
+pub use driver::LinkInterest;
+pub use io::ClusterIo;
+pub use poll_driver::PollDriver;
 
 use crate::json::{flat_json_object, json_str};
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
@@ -51,18 +62,16 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QueryKind};
 use crate::peer_input::{valid_peer_filter, valid_peer_topic, MQTT_STRING_MAX_BYTES};
+use crate::sock::Sock;
 use crate::wire::{from_wire, to_wire};
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{
-    fresh_nonce, handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript,
-    WireSubscription, CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
+    handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript, WireSubscription,
+    CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
 /// Most peers a node links to (node indices are bits of a `u64`).
@@ -131,11 +140,11 @@ struct Peer {
 
 /// One TCP connection to a peer, before or after the handshake.
 struct Link {
-    stream: TcpStream,
+    sock: Sock,
     reader: FrameReader,
     out: VecDeque<Bytes>,
     out_bytes: usize,
-    /// Our nonce on this link, fresh from the OS.
+    /// Our nonce on this link, fresh from [`ClusterIo::nonce`].
     nonce: Nonce,
     /// The peer's, from its `Hello`.
     peer_nonce: Option<Nonce>,
@@ -181,7 +190,8 @@ pub struct Cluster {
     mesh: MeshEndpoint,
     control: Arc<ClusterControl>,
     metrics: Arc<NodeShared>,
-    listener: Option<TcpListener>,
+    /// Sockets, nonces, the wall clock and the saved member list.
+    io: Box<dyn ClusterIo>,
     peers: Vec<Peer>,
     links: Vec<Option<Link>>,
     local_routes: HashSet<String>,
@@ -208,62 +218,31 @@ pub struct Cluster {
     now_ms: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Cluster {
-    /// Binds the cluster listener (if any); the thread is started with [`Cluster::run`].
+    /// The core of a node's cluster thread, reached by peers at `advertised` (`host:port`).
+    /// A node with `cfg.bind` set listens (its `io` accepts), joins and redials; without it
+    /// the cluster is off. Nothing happens until [`Cluster::start`].
     pub fn new(
         cfg: ClusterConfig,
         shared: Arc<NodeShared>,
         mesh: MeshEndpoint,
         control: Arc<ClusterControl>,
-    ) -> std::io::Result<Cluster> {
+        io: Box<dyn ClusterIo>,
+        advertised: String,
+    ) -> Cluster {
         let node = shared.cfg.node_name.clone();
-        let listener = match cfg.bind {
-            Some(addr) => {
-                if exposed_with_shipped_cookie(addr, &cfg.cookie) {
-                    log::warn!(
-                        "cluster: listening on {addr} with the shipped default cookie: anyone \
-                         who can reach this port can join the cluster; set cluster.cookie \
-                         (or bind cluster.bind to a loopback or private address)"
-                    );
-                }
-                let l = TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                control.enabled.store(true, Ordering::Relaxed);
-                Some(l)
-            }
-            None => None,
-        };
-        let port = listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port())
-            .unwrap_or(DEFAULT_PORT);
-        let host = node
-            .split_once('@')
-            .map(|(_, h)| h.to_string())
-            .unwrap_or_default();
-        let advertised = match cfg.bind {
-            Some(a) if !a.ip().is_unspecified() => format!("{}:{port}", a.ip()),
-            _ => format!("{host}:{port}"),
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Ok(Cluster {
+        if cfg.bind.is_some() {
+            control.enabled.store(true, Ordering::Relaxed);
+        }
+        let started_ms = io.unix_ms();
+        Cluster {
             node,
             advertised,
             cfg,
             mesh,
             control,
             metrics: shared,
-            listener,
+            io,
             peers: Vec::new(),
             links: Vec::new(),
             local_routes: HashSet::new(),
@@ -275,17 +254,23 @@ impl Cluster {
             queries: HashMap::new(),
             next_query: 1,
             started_at_ms: 0,
-            started_ms: now.as_millis() as u64,
+            started_ms,
             last_heartbeat_ms: 0,
             refused_accepts: 0,
             refused_logged_ms: None,
             scratch: BytesMut::with_capacity(64 * 1024),
             now_ms: 0,
-        })
+        }
     }
 
     /// The address peers reach this node at.
     pub fn advertised(&self) -> &str {
         &self.advertised
+    }
+
+    /// Whether this node has a cluster listener (`cluster.bind`): only then does it join,
+    /// accept and redial.
+    fn listening(&self) -> bool {
+        self.cfg.bind.is_some()
     }
 }

@@ -240,7 +240,6 @@ impl Cluster {
             return;
         };
         let mut l = self.links[link].take().expect("link exists");
-        let _ = l.stream.set_nodelay(true);
         // What the handshake left unwritten goes out first, from the shard.
         let unsent: Vec<Bytes> = l.out.drain(..).collect();
         let received = l.reader.take_buffered();
@@ -252,7 +251,15 @@ impl Cluster {
         let attach = crate::mesh::LinkAttach {
             node: p as u8,
             epoch: self.peers[p].epoch,
-            fd: std::os::fd::OwnedFd::from(l.stream),
+            fd: match l.sock {
+                // Adapter until `LinkAttach` carries a `Sock` (then: `fd: l.sock`).
+                Sock::Os(fd) => fd,
+                Sock::Sim(_) => {
+                    log::error!("cluster: a simulated data link cannot go to a shard yet");
+                    self.io.close(l.sock);
+                    return;
+                }
+            },
             outbound,
             unsent,
             received,

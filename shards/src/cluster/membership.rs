@@ -1,14 +1,10 @@
 //! Membership: the peer table (lookup, adding a peer, a peer going down), the member list
-//! gossiped between nodes and kept in the data dir across restarts, heartbeats and the
+//! gossiped between nodes and saved across restarts (through `ClusterIo`), heartbeats and the
 //! down-after timeout, redialling, autoclean of peers down too long, and `join`/`leave`.
 
 use super::*;
 
 impl Cluster {
-    pub(super) fn members_file(&self) -> PathBuf {
-        self.cfg.data_dir.join("cluster_members")
-    }
-
     pub(super) fn peer_down(&mut self, p: usize) {
         self.peers[p].routes.clear();
         self.control.peers_up.fetch_sub(1, Ordering::Relaxed);
@@ -147,7 +143,7 @@ impl Cluster {
     }
 
     pub(super) fn redial(&mut self) {
-        if self.listener.is_none() {
+        if !self.listening() {
             return;
         }
         let retry_ms = self.cfg.heartbeat_ms.max(500);
@@ -176,7 +172,7 @@ impl Cluster {
 
     /// Connects to `target` (`name@host[:port]` or `host:port`).
     pub(super) fn join(&mut self, target: &str) -> Result<String, String> {
-        if self.listener.is_none() {
+        if !self.listening() {
             return Err("this node has no cluster listener (cluster.bind is empty)".into());
         }
         let addr = if target.contains('@') {
@@ -207,7 +203,7 @@ impl Cluster {
         }
         for i in 0..self.links.len() {
             if let Some(l) = self.links[i].take() {
-                let _ = l.stream.shutdown(std::net::Shutdown::Both);
+                self.io.close(l.sock);
             }
         }
         self.peers.clear();
@@ -216,7 +212,7 @@ impl Cluster {
     }
 
     pub(super) fn load_members(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.members_file()) else {
+        let Some(text) = self.io.load_members() else {
             return;
         };
         for line in text.lines() {
@@ -228,18 +224,13 @@ impl Cluster {
         }
     }
 
-    pub(super) fn save_members(&self) {
+    pub(super) fn save_members(&mut self) {
         let text: String = self
             .peers
             .iter()
             .filter(|p| p.state != PeerState::Gone)
             .map(|p| format!("{} {}\n", p.name, p.addr))
             .collect();
-        if let Err(e) = std::fs::write(self.members_file(), text) {
-            log::warn!(
-                "cluster: cannot save members to {:?}: {e}",
-                self.members_file()
-            );
-        }
+        self.io.save_members(&text);
     }
 }
