@@ -46,6 +46,8 @@ mod poll_driver;
 mod queries;
 mod replication;
 mod session_move;
+#[cfg(test)]
+mod tests;
 
 use config::shown;
 pub use config::{
