@@ -95,7 +95,8 @@ impl Cluster {
                 let peer = l.peer_name.clone().expect("verified after hello");
                 if !self.cfg.allow_node_name_mismatch {
                     let ip = l.remote_ip;
-                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip)) {
+                    let io = &mut self.io;
+                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip, |a| io.resolve(a))) {
                         log::warn!(
                             "cluster: refusing node {peer}: its link comes from {}, not the \
                              host of its name (cluster.allow_node_name_mismatch = false)",

@@ -1,5 +1,5 @@
 //! Everything the cluster core asks of the world: sockets (accept, dial, read, write, close),
-//! handshake nonces, the wall clock and the saved member list.
+//! name resolution, handshake nonces, the wall clock and the saved member list.
 //!
 //! The core ([`Cluster`](super::Cluster)) holds its links as opaque [`Sock`]s and calls the OS only through
 //! a [`ClusterIo`]; time on the node's clock comes in as an argument to [`Cluster::turn`](super::Cluster::turn).
@@ -24,6 +24,10 @@ pub trait ClusterIo {
     /// waiting: writes before the connection is up fail with `WouldBlock`, and a connection
     /// that fails shows as an error on read or write. Returns the socket and the IP dialled.
     fn dial(&mut self, addr: &str) -> std::io::Result<(Sock, Option<IpAddr>)>;
+
+    /// The addresses `addr` (`host:port`) resolves to; none when it does not. Used to check
+    /// an authenticated peer's node name against the address its link comes from.
+    fn resolve(&mut self, addr: &str) -> Vec<IpAddr>;
 
     /// Reads what has arrived into `buf`: `Ok(0)` when the peer closed the connection,
     /// `WouldBlock` when nothing is there.

@@ -52,6 +52,13 @@ impl ClusterIo for PollIo {
         Ok((Sock::Os(OwnedFd::from(s)), Some(sock.ip())))
     }
 
+    /// The system resolver (this blocks for a host name).
+    fn resolve(&mut self, addr: &str) -> Vec<IpAddr> {
+        addr.to_socket_addrs()
+            .map(|all| all.map(|a| a.ip()).collect())
+            .unwrap_or_default()
+    }
+
     fn read(&mut self, sock: &Sock, buf: &mut [u8]) -> std::io::Result<usize> {
         (&*SockRef::from(os_fd(sock)?)).read(buf)
     }

@@ -57,6 +57,13 @@ impl ClusterIo for MemIo {
         Ok((Sock::Sim(ours), ip))
     }
 
+    fn resolve(&mut self, addr: &str) -> Vec<IpAddr> {
+        addr.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .into_iter()
+            .collect()
+    }
+
     fn read(&mut self, sock: &Sock, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut net = self.net.borrow_mut();
         let Some((bytes, closed)) = net.inbox.get_mut(&sim_id(sock)) else {
