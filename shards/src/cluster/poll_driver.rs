@@ -103,7 +103,7 @@ fn os_fd(sock: &Sock) -> std::io::Result<&OwnedFd> {
     }
 }
 
-/// The cluster thread, bound and ready to run: a [`Cluster`] on [`PollIo`], driven by
+/// The cluster thread, bound and ready to run: a [`Cluster`] on `PollIo`, driven by
 /// `poll(2)`. The core is built on the thread itself (a [`ClusterIo`] need not be `Send`).
 pub struct PollDriver {
     cfg: ClusterConfig,
