@@ -4,7 +4,10 @@
 //!
 //! It is the last endpoint of the mesh, so shards talk to it exactly as to each other. Control
 //! links are plain non-blocking TCP sockets driven by `poll(2)` together with the endpoint's
-//! doorbell. Messages do not pass through here: when a peer comes up, this thread dials one
+//! doorbell ([`PollDriver`]). The state and every decision ([`Cluster`]) are a sans-IO core: it
+//! holds its links as opaque [`Sock`]s, asks the world for sockets, nonces, the wall clock and
+//! the saved member list through a [`ClusterIo`], and is handed the time on the node's clock
+//! with each [`Cluster::turn`], so the simulator can run it on a virtual network. Messages do not pass through here: when a peer comes up, this thread dials one
 //! *data link* per local shard to it, authenticates each, and hands the socket to its shard
 //! (see [`crate::link`]); the peer hands the accepting end to one of its shards. A data link
 //! that fails takes the peer down, and everything is set up anew when it is back.
@@ -16,13 +19,16 @@
 //!
 //! Everything a peer sends is hostile input, before and after the handshake: a link that has
 //! not proven the cookie may send small frames only, must finish within
-//! [`HANDSHAKE_TIMEOUT`], and only [`HANDSHAKES_MAX`] such links are accepted at once; an
+//! [`HANDSHAKE_TIMEOUT_MS`], and only [`HANDSHAKES_MAX`] such links are accepted at once; an
 //! authenticated peer's filters, topics, names, member lists and session transfers are checked
 //! as a client's would be before they reach a shard, the disk or a dial.
 //!
 //! Where it lives:
 //! - [`config`]: settings, node names and cluster addresses, and their checks.
-//! - [`driver`]: the `poll(2)` loop, accepting, dialling, reading and writing links.
+//! - [`driver`]: one round of the thread ([`Cluster::turn`]), accepting, dialling, reading and
+//!   writing links under their bounds.
+//! - [`io`]: [`ClusterIo`], everything the core asks of the world.
+//! - [`poll_driver`]: the thread's `poll(2)` loop, and [`ClusterIo`] on real sockets and disk.
 //! - [`handshake`]: `Hello`/`Auth` (HMAC proof of the cookie), a link coming up.
 //! - [`membership`]: peers, the member list, heartbeats, redial, autoclean, join/leave.
 //! - [`peer_frames`]: what an authenticated peer sends (one dispatch, all checked).
@@ -33,17 +39,24 @@
 mod config;
 mod driver;
 mod handshake;
+mod io;
 mod membership;
 mod peer_frames;
+mod poll_driver;
 mod queries;
 mod replication;
 mod session_move;
+#[cfg(test)]
+mod tests;
 
 use config::shown;
 pub use config::{
     exposed_with_shipped_cookie, name_matches_ip, node_addr, valid_cluster_addr, valid_node_name,
     ClusterConfig, Discovery, DEFAULT_PORT, NODE_NAME_MAX_BYTES, SHIPPED_COOKIE,
 };
+pub use driver::LinkInterest;
+pub use io::ClusterIo;
+pub use poll_driver::PollDriver;
 
 use crate::json::{flat_json_object, json_str};
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
@@ -51,30 +64,27 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::node_shared::{home_shard, ClusterControl, ControlCmd, NodeShared, QueryKind};
 use crate::peer_input::{valid_peer_filter, valid_peer_topic, MQTT_STRING_MAX_BYTES};
+use crate::sock::Sock;
 use crate::wire::{from_wire, to_wire};
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{
-    fresh_nonce, handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript,
-    WireSubscription, CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
+    handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript, WireSubscription,
+    CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
 
 /// Most peers a node links to (node indices are bits of a `u64`).
 pub const PEERS_MAX: usize = 64;
 /// Time a new link has to complete the handshake (a dialled one: to connect, too).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Most accepted links in their handshake at once; more are closed at accept (and counted in
-/// one log line per [`REFUSED_LOG_INTERVAL`]). A node's peers open one link per shard each
+/// one log line per [`REFUSED_LOG_INTERVAL_MS`]). A node's peers open one link per shard each
 /// when they come up, so this is far above what a cluster needs at a time.
 pub const HANDSHAKES_MAX: usize = 256;
-const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+const REFUSED_LOG_INTERVAL_MS: u64 = 10_000;
 /// Bytes queued to one link before the peer is deemed not to read: the link is closed (the
 /// peer goes down and is re-synced when it is back) rather than queueing without bound.
 pub const LINK_OUT_MAX_BYTES: usize = 256 * 1024 * 1024;
@@ -83,7 +93,9 @@ const READ_BUDGET_BYTES: usize = 1024 * 1024;
 /// How far a peer's takeover time may lie in the past (ms); it is never taken from the future.
 const TAKEOVER_SKEW_MAX_MS: u64 = 10_000;
 /// Time a node waits for the other nodes' sessions before answering a resuming CONNECT.
-const SESSION_WAIT: Duration = Duration::from_secs(3);
+const SESSION_WAIT_MS: u64 = 3_000;
+/// Time a node waits for its shards' and the other nodes' rows of a listing.
+const QUERY_WAIT_MS: u64 = 3_000;
 
 /// Who asked a pending query.
 enum QueryOrigin {
@@ -98,7 +110,8 @@ struct PendingQuery {
     shards_left: usize,
     peers_left: HashSet<usize>,
     rows: Vec<String>,
-    deadline: Instant,
+    /// On the node's clock (ms).
+    deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,24 +128,25 @@ struct Peer {
     addr: String,
     state: PeerState,
     link: Option<usize>,
-    last_dial: Option<Instant>,
+    /// When we last dialled it (node clock, ms).
+    last_dial_ms: Option<u64>,
     uptime_s: u64,
     connections: u64,
     routes: HashSet<String>,
     route_seq: u64,
     /// Bumped each time the peer comes up; data links carry it.
     epoch: u32,
-    /// Since when it is down (for autoclean).
-    down_since: Instant,
+    /// Since when it is down (for autoclean; node clock, ms).
+    down_since_ms: u64,
 }
 
 /// One TCP connection to a peer, before or after the handshake.
 struct Link {
-    stream: TcpStream,
+    sock: Sock,
     reader: FrameReader,
     out: VecDeque<Bytes>,
     out_bytes: usize,
-    /// Our nonce on this link, fresh from the OS.
+    /// Our nonce on this link, fresh from [`ClusterIo::nonce`].
     nonce: Nonce,
     /// The peer's, from its `Hello`.
     peer_nonce: Option<Nonce>,
@@ -144,8 +158,9 @@ struct Link {
     peer_addr: String,
     authed: bool,
     hello_seen: bool,
-    started: Instant,
-    last_rx: Instant,
+    /// When the link was opened and last read from (node clock, ms).
+    started_ms: u64,
+    last_rx_ms: u64,
     closed: bool,
     /// A data link: the dialling node's shard it carries frames from.
     data_shard: Option<u16>,
@@ -162,7 +177,8 @@ struct PendingTakeover {
     client_id: Arc<str>,
     waiting: HashSet<u8>,
     found: Option<Box<SessionExport>>,
-    deadline: Instant,
+    /// On the node's clock (ms).
+    deadline_ms: u64,
 }
 
 /// The cluster thread's state.
@@ -176,7 +192,8 @@ pub struct Cluster {
     mesh: MeshEndpoint,
     control: Arc<ClusterControl>,
     metrics: Arc<NodeShared>,
-    listener: Option<TcpListener>,
+    /// Sockets, nonces, the wall clock and the saved member list.
+    io: Box<dyn ClusterIo>,
     peers: Vec<Peer>,
     links: Vec<Option<Link>>,
     local_routes: HashSet<String>,
@@ -189,74 +206,45 @@ pub struct Cluster {
     takeover_ends: Vec<(Arc<str>, u8)>,
     queries: HashMap<u64, PendingQuery>,
     next_query: u64,
-    started: Instant,
+    /// When the thread started (node clock, ms), for the uptime it reports.
+    started_at_ms: u64,
+    /// When it started in Unix ms, told to peers in `Hello`.
     started_ms: u64,
-    last_heartbeat: Instant,
+    last_heartbeat_ms: u64,
     /// Accepts refused because [`HANDSHAKES_MAX`] links were in their handshake, since the
     /// last log line about it.
     refused_accepts: u64,
-    refused_logged: Option<Instant>,
+    refused_logged_ms: Option<u64>,
     scratch: BytesMut,
     /// Now, on the node's clock (ms), as the driver last read it.
     now_ms: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Cluster {
-    /// Binds the cluster listener (if any); the thread is started with [`Cluster::run`].
+    /// The core of a node's cluster thread, reached by peers at `advertised` (`host:port`).
+    /// A node with `cfg.bind` set listens (its `io` accepts), joins and redials; without it
+    /// the cluster is off. Nothing happens until [`Cluster::start`].
     pub fn new(
         cfg: ClusterConfig,
         shared: Arc<NodeShared>,
         mesh: MeshEndpoint,
         control: Arc<ClusterControl>,
-    ) -> std::io::Result<Cluster> {
+        io: Box<dyn ClusterIo>,
+        advertised: String,
+    ) -> Cluster {
         let node = shared.cfg.node_name.clone();
-        let listener = match cfg.bind {
-            Some(addr) => {
-                if exposed_with_shipped_cookie(addr, &cfg.cookie) {
-                    log::warn!(
-                        "cluster: listening on {addr} with the shipped default cookie: anyone \
-                         who can reach this port can join the cluster; set cluster.cookie \
-                         (or bind cluster.bind to a loopback or private address)"
-                    );
-                }
-                let l = TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                control.enabled.store(true, Ordering::Relaxed);
-                Some(l)
-            }
-            None => None,
-        };
-        let port = listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port())
-            .unwrap_or(DEFAULT_PORT);
-        let host = node
-            .split_once('@')
-            .map(|(_, h)| h.to_string())
-            .unwrap_or_default();
-        let advertised = match cfg.bind {
-            Some(a) if !a.ip().is_unspecified() => format!("{}:{port}", a.ip()),
-            _ => format!("{host}:{port}"),
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Ok(Cluster {
+        if cfg.bind.is_some() {
+            control.enabled.store(true, Ordering::Relaxed);
+        }
+        let started_ms = io.unix_ms();
+        Cluster {
             node,
             advertised,
             cfg,
             mesh,
             control,
             metrics: shared,
-            listener,
+            io,
             peers: Vec::new(),
             links: Vec::new(),
             local_routes: HashSet::new(),
@@ -267,18 +255,24 @@ impl Cluster {
             takeover_ends: Vec::new(),
             queries: HashMap::new(),
             next_query: 1,
-            started: Instant::now(),
-            started_ms: now.as_millis() as u64,
-            last_heartbeat: Instant::now(),
+            started_at_ms: 0,
+            started_ms,
+            last_heartbeat_ms: 0,
             refused_accepts: 0,
-            refused_logged: None,
+            refused_logged_ms: None,
             scratch: BytesMut::with_capacity(64 * 1024),
             now_ms: 0,
-        })
+        }
     }
 
     /// The address peers reach this node at.
     pub fn advertised(&self) -> &str {
         &self.advertised
+    }
+
+    /// Whether this node has a cluster listener (`cluster.bind`): only then does it join,
+    /// accept and redial.
+    fn listening(&self) -> bool {
+        self.cfg.bind.is_some()
     }
 }

@@ -4,7 +4,7 @@
 //! clear error; each shard then builds its own ring on its own pinned thread and reports back
 //! before the node is declared running.
 
-use crate::cluster::Cluster;
+use crate::cluster::PollDriver;
 use crate::config::BrokerConfig;
 use crate::mesh::{self, Doorbell};
 use crate::metrics::Metrics;
@@ -77,7 +77,7 @@ impl Node {
             cluster_bell: doorbells[doorbells.len() - 1].clone(),
             clock: crate::clock::NodeClock::start(),
         });
-        let cluster = Cluster::new(
+        let cluster = PollDriver::bind(
             cluster_cfg,
             shared.clone(),
             cluster_endpoint,

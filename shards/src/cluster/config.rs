@@ -4,7 +4,7 @@
 //! [`name_matches_ip`]), how a name maps to an address ([`node_addr`]), how a peer's name is
 //! shown in a log line, and the warning for the shipped cookie.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 /// Default cluster port, used when a node is named without one.
@@ -93,15 +93,15 @@ pub fn valid_cluster_addr(addr: &str) -> bool {
         .is_some_and(|(host, port)| valid_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
-/// True when the host of node name `node` is `ip` or resolves to it. Called only for a peer
-/// that has proven the cookie (a host name costs a resolver look-up).
-pub fn name_matches_ip(node: &str, ip: IpAddr) -> bool {
+/// True when the host of node name `node` is `ip` or `resolve` (given its `host:port`) finds
+/// it among the host's addresses. Called only for a peer that has proven the cookie (a host
+/// name costs a resolver look-up).
+pub fn name_matches_ip(node: &str, ip: IpAddr, resolve: impl FnOnce(&str) -> Vec<IpAddr>) -> bool {
     let Some(addr) = node_addr(node) else {
         return false;
     };
     let want = ip.to_canonical();
-    addr.to_socket_addrs()
-        .is_ok_and(|mut all| all.any(|a| a.ip().to_canonical() == want))
+    resolve(&addr).iter().any(|a| a.to_canonical() == want)
 }
 
 /// A name from a peer for a log line: as is when it is a valid node name, quoted and
@@ -180,14 +180,22 @@ mod tests {
 
     #[test]
     fn a_name_matches_the_address_it_names() {
+        // IP literals only: nothing to look up.
+        let resolve = |addr: &str| -> Vec<IpAddr> {
+            addr.parse::<SocketAddr>()
+                .map(|a| a.ip())
+                .into_iter()
+                .collect()
+        };
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!(name_matches_ip("n1@127.0.0.1", lo));
-        assert!(name_matches_ip("n1@127.0.0.1:4371", lo));
+        assert!(name_matches_ip("n1@127.0.0.1", lo, resolve));
+        assert!(name_matches_ip("n1@127.0.0.1:4371", lo, resolve));
         assert!(name_matches_ip(
             "n1@127.0.0.1",
-            "::ffff:127.0.0.1".parse().unwrap()
+            "::ffff:127.0.0.1".parse().unwrap(),
+            resolve
         ));
-        assert!(!name_matches_ip("n1@10.0.0.1", lo));
-        assert!(!name_matches_ip("n1", lo));
+        assert!(!name_matches_ip("n1@10.0.0.1", lo, resolve));
+        assert!(!name_matches_ip("n1", lo, resolve));
     }
 }

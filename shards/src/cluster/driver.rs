@@ -1,14 +1,28 @@
-//! The thread's driver: the `poll(2)` loop over the listener, the control links and the mesh
-//! doorbell ([`Cluster::run`]), accepting and dialling links, and reading, writing and
-//! closing them under the per-link bounds ([`LINK_OUT_MAX_BYTES`], [`READ_BUDGET_BYTES`],
-//! [`HANDSHAKES_MAX`]). Frames read here go to [`Cluster::on_frame`].
+//! One round of the cluster thread ([`Cluster::turn`]) and the link plumbing under it:
+//! accepting and dialling links, and reading, writing and closing them under the per-link
+//! bounds ([`LINK_OUT_MAX_BYTES`], [`READ_BUDGET_BYTES`], [`HANDSHAKES_MAX`]), all through
+//! [`ClusterIo`]. Frames read here go to [`Cluster::on_frame`]. The thread's `poll(2)` loop
+//! is in `poll_driver`.
 
 use super::*;
 
+/// What a driver should wait for on one link before the next [`Cluster::turn`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInterest {
+    /// The link is read (a data link waiting for its peer is not).
+    pub readable: bool,
+    /// Bytes are queued for it.
+    pub writable: bool,
+}
+
 impl Cluster {
-    /// Runs until `stop` is set.
-    pub fn run(mut self, stop: &AtomicBool) {
-        if self.listener.is_some() {
+    /// Loads the saved member list and joins the static seeds (on a listening node), at
+    /// `now_ms` on the node's clock (uptime and the first heartbeat count from it).
+    pub fn start(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.started_at_ms = now_ms;
+        self.last_heartbeat_ms = now_ms;
+        if self.listening() {
             self.load_members();
             if let Discovery::Static(seeds) = self.cfg.discovery.clone() {
                 for seed in seeds {
@@ -18,93 +32,71 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// One round at `now_ms` on the node's clock: the shards' messages, management commands,
+    /// new links, what the links sent, deadlines and heartbeats, then what is queued goes
+    /// out (as far as the links take it) and the mesh is flushed. Never blocks.
+    pub fn turn(&mut self, now_ms: u64) {
+        debug_assert!(now_ms >= self.now_ms, "the node's clock went back");
+        self.now_ms = now_ms;
         let mut msgs = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            self.poll_once(Duration::from_millis(100));
-            self.now_ms = self.metrics.clock.now_ms();
-            msgs.clear();
-            self.mesh.recv(MESH_BUDGET, &mut msgs);
-            let drained = msgs.len() < MESH_BUDGET;
-            for m in msgs.drain(..) {
-                self.on_mesh(m);
-            }
-            if drained {
-                // A moved session's importing shard asks for its `TakeoverEnd` after its
-                // route changes went to the filters' home shards, which sent them here:
-                // `recv` returned only when every queue was empty, so those route changes
-                // were in this round and went out first, and peers learn the new routes
-                // before the old node lets go.
-                for (client_id, node) in std::mem::take(&mut self.takeover_ends) {
-                    if let Some(link) = self.peers.get(node as usize).and_then(|p| p.link) {
-                        let frame = Frame::TakeoverEnd {
-                            client_id: client_id.to_string(),
-                        };
-                        self.send(link, &frame);
-                    }
+        self.mesh.recv(MESH_BUDGET, &mut msgs);
+        let drained = msgs.len() < MESH_BUDGET;
+        for m in msgs.drain(..) {
+            self.on_mesh(m);
+        }
+        if drained {
+            // A moved session's importing shard asks for its `TakeoverEnd` after its
+            // route changes went to the filters' home shards, which sent them here:
+            // `recv` returned only when every queue was empty, so those route changes
+            // were in this round and went out first, and peers learn the new routes
+            // before the old node lets go.
+            for (client_id, node) in std::mem::take(&mut self.takeover_ends) {
+                if let Some(link) = self.peers.get(node as usize).and_then(|p| p.link) {
+                    let frame = Frame::TakeoverEnd {
+                        client_id: client_id.to_string(),
+                    };
+                    self.send(link, &frame);
                 }
             }
-            self.on_control();
-            self.accept();
-            self.read_links();
-            self.tick();
-            self.flush_links();
-            self.mesh.flush();
         }
+        self.on_control();
+        self.accept();
+        self.read_links();
+        self.tick();
         self.flush_links();
+        self.mesh.flush();
+    }
+
+    /// Writes what the links still hold, once (the thread is stopping).
+    pub fn finish(&mut self) {
+        self.flush_links();
+    }
+
+    /// The links' sockets and what to wait for on each, for a driver's `poll`.
+    pub fn link_interest(&self) -> impl Iterator<Item = (&Sock, LinkInterest)> + '_ {
+        self.links.iter().flatten().map(|l| {
+            let interest = LinkInterest {
+                readable: !l.data_waiting,
+                writable: !l.out.is_empty(),
+            };
+            (&l.sock, interest)
+        })
+    }
+
+    /// The mesh endpoint (a driver parks on its doorbell).
+    pub fn mesh(&self) -> &MeshEndpoint {
+        &self.mesh
     }
 
     // ------------------------------------------------------------------ I/O plumbing
 
-    pub(super) fn poll_once(&mut self, timeout: Duration) {
-        let mut fds = vec![libc::pollfd {
-            fd: self.mesh.doorbell().raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if let Some(l) = &self.listener {
-            fds.push(libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
-        for link in self.links.iter().flatten() {
-            let mut events = if link.data_waiting { 0 } else { libc::POLLIN };
-            if !link.out.is_empty() {
-                events |= libc::POLLOUT;
-            }
-            fds.push(libc::pollfd {
-                fd: link.stream.as_raw_fd(),
-                events,
-                revents: 0,
-            });
-        }
-        if !self.mesh.park() {
+    pub(super) fn accept(&mut self) {
+        if !self.listening() {
             return;
         }
-        // SAFETY: fds is a live array of pollfd of the given length.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis() as i32,
-            )
-        };
-        self.mesh.unpark();
-        if fds[0].revents & libc::POLLIN != 0 {
-            let mut b = [0u8; 8];
-            // SAFETY: reads 8 bytes into a live buffer from our eventfd.
-            unsafe { libc::read(fds[0].fd, b.as_mut_ptr() as *mut libc::c_void, 8) };
-        }
-    }
-
-    pub(super) fn accept(&mut self) {
-        let Some(l) = &self.listener else { return };
-        let mut accepted = Vec::new();
-        while let Ok((stream, addr)) = l.accept() {
-            accepted.push((stream, addr));
-        }
-        for (stream, addr) in accepted {
+        while let Some((sock, addr, ip)) = self.io.accept() {
             let handshaking = self
                 .links
                 .iter()
@@ -113,11 +105,11 @@ impl Cluster {
                 .count();
             if handshaking >= HANDSHAKES_MAX {
                 // Closed at once: unauthenticated links cannot pile up.
-                drop(stream);
+                self.io.close(sock);
                 self.refused_accepts += 1;
                 if self
-                    .refused_logged
-                    .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL)
+                    .refused_logged_ms
+                    .is_none_or(|t| self.now_ms.saturating_sub(t) >= REFUSED_LOG_INTERVAL_MS)
                 {
                     log::warn!(
                         "cluster: refused {} link(s): {HANDSHAKES_MAX} links are already in \
@@ -125,11 +117,11 @@ impl Cluster {
                         self.refused_accepts
                     );
                     self.refused_accepts = 0;
-                    self.refused_logged = Some(Instant::now());
+                    self.refused_logged_ms = Some(self.now_ms);
                 }
                 continue;
             }
-            if let Err(e) = self.add_link(stream, addr.to_string(), Some(addr.ip()), false) {
+            if let Err(e) = self.add_link(sock, addr.clone(), ip, false) {
                 log::warn!("cluster: link from {addr} dropped: {e}");
             }
         }
@@ -137,17 +129,20 @@ impl Cluster {
 
     pub(super) fn add_link(
         &mut self,
-        stream: TcpStream,
+        sock: Sock,
         peer_addr: String,
         remote_ip: Option<IpAddr>,
         dialed: bool,
     ) -> std::io::Result<usize> {
-        let nonce = fresh_nonce()
-            .map_err(|e| std::io::Error::other(format!("no random nonce from the OS: {e}")))?;
-        let _ = stream.set_nonblocking(true);
-        let _ = stream.set_nodelay(true);
+        let nonce = match self.io.nonce() {
+            Ok(n) => n,
+            Err(e) => {
+                self.io.close(sock);
+                return Err(std::io::Error::other(format!("no random nonce: {e}")));
+            }
+        };
         let link = Link {
-            stream,
+            sock,
             reader: FrameReader::with_max(HANDSHAKE_FRAME_MAX_BYTES),
             out: VecDeque::new(),
             out_bytes: 0,
@@ -159,8 +154,8 @@ impl Cluster {
             peer_addr,
             authed: false,
             hello_seen: false,
-            started: Instant::now(),
-            last_rx: Instant::now(),
+            started_ms: self.now_ms,
+            last_rx_ms: self.now_ms,
             closed: false,
             data_shard: None,
             data_out: false,
@@ -248,13 +243,13 @@ impl Cluster {
                     break;
                 };
                 debug_assert!(link.reader.buffered() <= FRAME_MAX_BYTES + 4);
-                match link.stream.read(&mut buf[..budget.min(64 * 1024)]) {
+                match self.io.read(&link.sock, &mut buf[..budget.min(64 * 1024)]) {
                     Ok(0) => {
                         error = Some("closed by peer".to_string());
                         break;
                     }
                     Ok(n) => {
-                        link.last_rx = Instant::now();
+                        link.last_rx_ms = self.now_ms;
                         link.reader.extend(&buf[..n]);
                         budget -= n;
                     }
@@ -289,7 +284,7 @@ impl Cluster {
                         .map(|b| std::io::IoSlice::new(b))
                         .collect();
                     Metrics::add(&self.metrics.metrics.cluster_link_writes, 1);
-                    match link.stream.write_vectored(&slices) {
+                    match self.io.write(&link.sock, &slices) {
                         Ok(0) => {
                             failed = Some("write returned 0".to_string());
                             break;
@@ -327,7 +322,7 @@ impl Cluster {
         let Some(link) = self.links[idx].take() else {
             return;
         };
-        let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        self.io.close(link.sock);
         let Some(name) = link.peer_name else {
             log::debug!(
                 "cluster: link from {} closed before handshake: {why}",
@@ -351,7 +346,7 @@ impl Cluster {
             if self.peers[p].state == PeerState::Up {
                 log::warn!("cluster: node {name} is down ({why})");
                 self.peers[p].state = PeerState::Down;
-                self.peers[p].down_since = Instant::now();
+                self.peers[p].down_since_ms = self.now_ms;
                 self.peer_down(p);
             }
         }
@@ -359,20 +354,9 @@ impl Cluster {
 
     /// Opens a link without waiting for the connection: the `Hello` waits in the out queue
     /// until the socket is writable, and a connection that never completes is closed with
-    /// the handshake deadline. (A host name is still resolved here, by the system resolver.)
+    /// the handshake deadline.
     pub(super) fn dial(&mut self, addr: &str) -> std::io::Result<usize> {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let sock = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::other(format!("{addr} does not resolve")))?;
-        let s = Socket::new(Domain::for_address(sock), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_nonblocking(true)?;
-        match s.connect(&sock.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(e),
-        }
-        self.add_link(s.into(), addr.to_string(), Some(sock.ip()), true)
+        let (sock, ip) = self.io.dial(addr)?;
+        self.add_link(sock, addr.to_string(), ip, true)
     }
 }

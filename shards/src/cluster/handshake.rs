@@ -95,7 +95,8 @@ impl Cluster {
                 let peer = l.peer_name.clone().expect("verified after hello");
                 if !self.cfg.allow_node_name_mismatch {
                     let ip = l.remote_ip;
-                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip)) {
+                    let io = &mut self.io;
+                    if !ip.is_some_and(|ip| name_matches_ip(&peer, ip, |a| io.resolve(a))) {
                         log::warn!(
                             "cluster: refusing node {peer}: its link comes from {}, not the \
                              host of its name (cluster.allow_node_name_mismatch = false)",
@@ -240,7 +241,6 @@ impl Cluster {
             return;
         };
         let mut l = self.links[link].take().expect("link exists");
-        let _ = l.stream.set_nodelay(true);
         // What the handshake left unwritten goes out first, from the shard.
         let unsent: Vec<Bytes> = l.out.drain(..).collect();
         let received = l.reader.take_buffered();
@@ -252,7 +252,7 @@ impl Cluster {
         let attach = crate::mesh::LinkAttach {
             node: p as u8,
             epoch: self.peers[p].epoch,
-            sock: std::os::fd::OwnedFd::from(l.stream).into(),
+            sock: l.sock,
             outbound,
             unsent,
             received,

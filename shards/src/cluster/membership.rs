@@ -1,14 +1,10 @@
 //! Membership: the peer table (lookup, adding a peer, a peer going down), the member list
-//! gossiped between nodes and kept in the data dir across restarts, heartbeats and the
+//! gossiped between nodes and saved across restarts (through `ClusterIo`), heartbeats and the
 //! down-after timeout, redialling, autoclean of peers down too long, and `join`/`leave`.
 
 use super::*;
 
 impl Cluster {
-    pub(super) fn members_file(&self) -> PathBuf {
-        self.cfg.data_dir.join("cluster_members")
-    }
-
     pub(super) fn peer_down(&mut self, p: usize) {
         self.peers[p].routes.clear();
         self.control.peers_up.fetch_sub(1, Ordering::Relaxed);
@@ -42,13 +38,13 @@ impl Cluster {
             addr: addr.to_string(),
             state: PeerState::Down,
             link: None,
-            last_dial: None,
+            last_dial_ms: None,
             uptime_s: 0,
             connections: 0,
             routes: HashSet::new(),
             route_seq: 0,
             epoch: 0,
-            down_since: Instant::now(),
+            down_since_ms: self.now_ms,
         });
         Some(self.peers.len() - 1)
     }
@@ -71,11 +67,11 @@ impl Cluster {
     }
 
     pub(super) fn tick(&mut self) {
-        let now = Instant::now();
+        let now = self.now_ms;
         let expired: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| p.deadline_ms <= now)
             .map(|(t, _)| *t)
             .collect();
         for t in expired {
@@ -84,26 +80,26 @@ impl Cluster {
         let late: Vec<u64> = self
             .queries
             .iter()
-            .filter(|(_, q)| q.deadline <= now)
+            .filter(|(_, q)| q.deadline_ms <= now)
             .map(|(t, _)| *t)
             .collect();
         for t in late {
             self.finish_query(t);
         }
         // Links that never finished the handshake, or went silent.
-        let down_after = Duration::from_millis(self.cfg.down_after_ms);
+        let down_after_ms = self.cfg.down_after_ms;
         for i in 0..self.links.len() {
             let stale = match &self.links[i] {
-                Some(l) if !l.authed => l.started.elapsed() > HANDSHAKE_TIMEOUT,
-                Some(l) => l.last_rx.elapsed() > down_after,
+                Some(l) if !l.authed => now.saturating_sub(l.started_ms) > HANDSHAKE_TIMEOUT_MS,
+                Some(l) => now.saturating_sub(l.last_rx_ms) > down_after_ms,
                 None => false,
             };
             if stale {
                 self.close_link(i, "no heartbeat");
             }
         }
-        if self.last_heartbeat.elapsed() >= Duration::from_millis(self.cfg.heartbeat_ms) {
-            self.last_heartbeat = now;
+        if now.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_ms {
+            self.last_heartbeat_ms = now;
             self.autoclean();
             for (_, link) in self.up_links() {
                 self.send_heartbeat(link);
@@ -118,14 +114,15 @@ impl Cluster {
         if self.cfg.autoclean_ms == 0 {
             return;
         }
-        let limit = Duration::from_millis(self.cfg.autoclean_ms);
+        let limit_ms = self.cfg.autoclean_ms;
+        let now = self.now_ms;
         let mut cleaned = false;
         for peer in &mut self.peers {
-            if peer.state == PeerState::Down && peer.down_since.elapsed() >= limit {
+            if peer.state == PeerState::Down && now.saturating_sub(peer.down_since_ms) >= limit_ms {
                 log::info!(
                     "cluster: node {} was down for {} s; removed (autoclean)",
                     peer.name,
-                    limit.as_secs()
+                    limit_ms / 1000
                 );
                 peer.state = PeerState::Gone;
                 cleaned = true;
@@ -138,7 +135,7 @@ impl Cluster {
 
     pub(super) fn send_heartbeat(&mut self, link: usize) {
         let frame = Frame::Heartbeat {
-            uptime_s: self.started.elapsed().as_secs(),
+            uptime_s: self.now_ms.saturating_sub(self.started_at_ms) / 1000,
             connections: self.metrics.metrics.connections.load(Ordering::Relaxed) as u64,
             routes: self.local_routes.len() as u64,
         };
@@ -146,10 +143,11 @@ impl Cluster {
     }
 
     pub(super) fn redial(&mut self) {
-        if self.listener.is_none() {
+        if !self.listening() {
             return;
         }
-        let retry = Duration::from_millis(self.cfg.heartbeat_ms.max(500));
+        let retry_ms = self.cfg.heartbeat_ms.max(500);
+        let now = self.now_ms;
         for p in 0..self.peers.len() {
             let peer = &self.peers[p];
             let dialing =
@@ -158,11 +156,13 @@ impl Cluster {
                 });
             if peer.state != PeerState::Down
                 || dialing
-                || peer.last_dial.is_some_and(|t| t.elapsed() < retry)
+                || peer
+                    .last_dial_ms
+                    .is_some_and(|t| now.saturating_sub(t) < retry_ms)
             {
                 continue;
             }
-            self.peers[p].last_dial = Some(Instant::now());
+            self.peers[p].last_dial_ms = Some(now);
             let addr = self.peers[p].addr.clone();
             if let Err(e) = self.dial(&addr) {
                 log::debug!("cluster: dialling {addr}: {e}");
@@ -172,7 +172,7 @@ impl Cluster {
 
     /// Connects to `target` (`name@host[:port]` or `host:port`).
     pub(super) fn join(&mut self, target: &str) -> Result<String, String> {
-        if self.listener.is_none() {
+        if !self.listening() {
             return Err("this node has no cluster listener (cluster.bind is empty)".into());
         }
         let addr = if target.contains('@') {
@@ -203,7 +203,7 @@ impl Cluster {
         }
         for i in 0..self.links.len() {
             if let Some(l) = self.links[i].take() {
-                let _ = l.stream.shutdown(std::net::Shutdown::Both);
+                self.io.close(l.sock);
             }
         }
         self.peers.clear();
@@ -212,7 +212,7 @@ impl Cluster {
     }
 
     pub(super) fn load_members(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.members_file()) else {
+        let Some(text) = self.io.load_members() else {
             return;
         };
         for line in text.lines() {
@@ -224,18 +224,13 @@ impl Cluster {
         }
     }
 
-    pub(super) fn save_members(&self) {
+    pub(super) fn save_members(&mut self) {
         let text: String = self
             .peers
             .iter()
             .filter(|p| p.state != PeerState::Gone)
             .map(|p| format!("{} {}\n", p.name, p.addr))
             .collect();
-        if let Err(e) = std::fs::write(self.members_file(), text) {
-            log::warn!(
-                "cluster: cannot save members to {:?}: {e}",
-                self.members_file()
-            );
-        }
+        self.io.save_members(&text);
     }
 }

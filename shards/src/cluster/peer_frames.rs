@@ -144,7 +144,7 @@ impl Cluster {
                 }
                 // The arbitration compares connection times across nodes: a peer's time is
                 // never taken from the future, nor from further back than the skew allowed.
-                let now = unix_ms();
+                let now = self.io.unix_ms();
                 let at_ms = at_ms.clamp(now.saturating_sub(TAKEOVER_SKEW_MAX_MS), now);
                 let shard = home_shard(&client_id, self.mesh.shards());
                 self.mesh.send(

@@ -11,7 +11,7 @@ impl Cluster {
             "{{\"node\":{},\"status\":\"running\",\"self\":true,\"addr\":{},\"uptime_s\":{},\"connections\":{},\"routes\":{}}}",
             json_str(&self.node),
             json_str(&self.advertised),
-            self.started.elapsed().as_secs(),
+            self.now_ms.saturating_sub(self.started_at_ms) / 1000,
             self.metrics.metrics.connections.load(Ordering::Relaxed),
             self.local_routes.len()
         )];
@@ -109,7 +109,7 @@ impl Cluster {
                 shards_left: shards,
                 peers_left,
                 rows,
-                deadline: Instant::now() + Duration::from_secs(3),
+                deadline_ms: self.now_ms + QUERY_WAIT_MS,
             },
         );
         if done {

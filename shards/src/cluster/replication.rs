@@ -94,7 +94,7 @@ impl Cluster {
                             client_id: client_id.clone(),
                             waiting: ups.iter().map(|(p, _)| *p as u8).collect(),
                             found: None,
-                            deadline: Instant::now() + SESSION_WAIT,
+                            deadline_ms: self.now_ms + SESSION_WAIT_MS,
                         },
                     );
                 }
