@@ -53,6 +53,8 @@ pub struct Ledger {
     /// Faults as (start ms, end ms; `u64::MAX` while active).
     pub faults: Vec<(u64, u64)>,
     pub violations: Vec<String>,
+    /// What clients saw, for the trace of a failing seed.
+    pub notes: Vec<String>,
     /// Sessions found lost, by client.
     pub lost_sessions: Vec<(u32, u64)>,
 }
@@ -109,6 +111,10 @@ impl Ledger {
         *last = (*last).max(key.1);
     }
 
+    pub fn note(&mut self, now: u64, what: String) {
+        self.notes.push(format!("t={now} {what}"));
+    }
+
     pub fn fault_started(&mut self, now: u64) -> usize {
         self.faults.push((now, u64::MAX));
         self.faults.len() - 1
@@ -125,6 +131,13 @@ impl Ledger {
         self.violations.push(format!(
             "t={now}: client {client} reconnected and its persistent session was gone"
         ));
+    }
+
+    /// Whether a fault is in force at `now` or ended less than [`SETTLE_MS`] ago.
+    pub fn fault_near(&self, now: u64) -> bool {
+        self.faults
+            .iter()
+            .any(|&(s, e)| s <= now && e.saturating_add(SETTLE_MS) >= now)
     }
 
     /// Whether a message sent at `sent` and acknowledged at `acked` is owed to subscribers.

@@ -244,6 +244,13 @@ impl Client {
                     return;
                 }
                 self.phase = Phase::Online;
+                ledger.note(
+                    now,
+                    format!(
+                        "client {} online on node {} (session present: {})",
+                        self.idx, self.node, ack.session_present
+                    ),
+                );
                 if !ack.session_present {
                     if self.has_session {
                         ledger.session_lost(self.idx, now);

@@ -31,7 +31,8 @@ const UNIX_EPOCH_MS: u64 = 1_800_000_000_000;
 pub type Clock = Rc<Cell<u64>>;
 
 fn sim_id(s: &Sock) -> SockId {
-    s.sim_id().expect("the simulator only hands out simulated sockets")
+    s.sim_id()
+        .expect("the simulator only hands out simulated sockets")
 }
 
 fn copy(bufs: &[IoSlice<'_>]) -> Vec<Bytes> {
@@ -249,6 +250,14 @@ impl ClusterIo for SimClusterIo {
         let id = self.net.borrow_mut().connect(self.host, addr)?;
         let ip = addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
         Ok((Sock::Sim(id), ip))
+    }
+
+    fn resolve(&mut self, addr: &str) -> Vec<IpAddr> {
+        // Simulated names are addresses already.
+        addr.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .into_iter()
+            .collect()
     }
 
     fn read(&mut self, sock: &Sock, buf: &mut [u8]) -> io::Result<usize> {

@@ -10,9 +10,9 @@
 
 mod check;
 mod client;
+mod io;
 mod net;
 mod rng;
-mod io;
 mod world;
 
 use world::{Shape, World};
@@ -26,7 +26,12 @@ fn run_seed(seed: u64, shape: &Shape) -> (usize, usize) {
     let out = World::new(seed, shape.clone()).run();
     if !out.violations.is_empty() {
         let shown: Vec<&String> = out.violations.iter().take(20).collect();
-        let trace: Vec<&String> = out.trace.iter().rev().take(40).rev().collect();
+        let keep = if std::env::var_os("SHARDMQ_SIM_TRACE").is_some() {
+            usize::MAX
+        } else {
+            40
+        };
+        let trace: Vec<&String> = out.trace.iter().rev().take(keep).rev().collect();
         panic!(
             "simulation seed {seed} failed ({} violations):\n{}\n-- trace (last 40):\n{}\n\
              replay: SHARDMQ_SIM_SEED={seed} cargo test -p shardmq-shards --lib sim::seeds -- --nocapture",
@@ -47,7 +52,11 @@ fn env_u64(name: &str) -> Option<u64> {
 /// `SHARDMQ_SIM_SEED=n` runs seed `n` alone.
 #[test]
 fn seeds() {
-    let shape = Shape::default();
+    let shape = Shape {
+        link_faults: env_u64("SHARDMQ_SIM_FAULTS").unwrap_or(1) != 0,
+        roam_gap_ms: env_u64("SHARDMQ_SIM_GAP").unwrap_or(0),
+        ..Shape::default()
+    };
     if let Some(seed) = env_u64("SHARDMQ_SIM_SEED") {
         let (p, d) = run_seed(seed, &shape);
         eprintln!("seed {seed}: {p} messages published, {d} copies delivered");

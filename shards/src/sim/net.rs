@@ -397,7 +397,10 @@ mod tests {
         net.listen(1, "n1:1883", 2);
         let c = net.connect(1000, "n1:1883").unwrap();
         let big = Bytes::from(vec![0u8; SOCK_BUF_BYTES + 10]);
-        assert_eq!(net.write(c, std::slice::from_ref(&big), 0).unwrap(), SOCK_BUF_BYTES);
+        assert_eq!(
+            net.write(c, std::slice::from_ref(&big), 0).unwrap(),
+            SOCK_BUF_BYTES
+        );
         assert_eq!(
             net.write(c, &[big], 0).unwrap_err().kind(),
             io::ErrorKind::WouldBlock

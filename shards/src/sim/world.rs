@@ -41,6 +41,8 @@ pub struct Shape {
     pub publishers: usize,
     /// Faults between nodes (resets, partitions) on or off.
     pub link_faults: bool,
+    /// Least time (ms) between two departures of one client.
+    pub roam_gap_ms: u64,
 }
 
 impl Default for Shape {
@@ -51,6 +53,7 @@ impl Default for Shape {
             subscribers: 4,
             publishers: 3,
             link_faults: true,
+            roam_gap_ms: 0,
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct World {
     clients: Vec<Client>,
     /// When an offline client connects again (and to which node).
     returns: Vec<Option<(u64, usize)>>,
+    /// When each client last left on its own.
+    left_at: Vec<u64>,
     /// Old connections left open by a takeover (drained, never answered).
     zombies: Vec<u64>,
     partitions: Vec<Partition>,
@@ -160,6 +165,7 @@ impl World {
             nodes,
             clients,
             returns: vec![None; n],
+            left_at: vec![0; n],
             zombies: Vec::new(),
             partitions: Vec::new(),
             ledger: Ledger::default(),
@@ -208,6 +214,10 @@ impl World {
             self.heal_due(now);
         }
         let violations = self.ledger.check();
+        self.trace.append(&mut self.ledger.notes);
+        // Both are in time order; one list in time order reads best.
+        self.trace
+            .sort_by_key(|l| l[2..].split(' ').next().and_then(|t| t.parse::<u64>().ok()));
         let delivered = self.ledger.got.values().map(|n| *n as usize).sum();
         Outcome {
             violations,
@@ -220,7 +230,8 @@ impl World {
     /// Every core and client gets one turn, in an order drawn from the seed.
     fn step_actors(&mut self, now: u64) {
         let shards = self.shape.shards;
-        let mut order: Vec<usize> = (0..self.nodes.len() * (shards + 1) + self.clients.len()).collect();
+        let mut order: Vec<usize> =
+            (0..self.nodes.len() * (shards + 1) + self.clients.len()).collect();
         self.rng.shuffle(&mut order);
         for a in order {
             let per_node = shards + 1;
@@ -269,7 +280,10 @@ impl World {
                 }
                 None => {
                     // Dropped by the broker (taken over, or its node's link): back soon.
-                    let node = self.rng.below(self.shape.nodes as u64) as usize;
+                    let mut node = self.rng.below(self.shape.nodes as u64) as usize;
+                    if self.ledger.fault_near(now) {
+                        node = self.clients[i].node;
+                    }
                     self.returns[i] = Some((now + self.rng.range(10, 300), node));
                 }
                 _ => {}
@@ -285,13 +299,25 @@ impl World {
     /// Draws this millisecond's disturbances.
     fn chaos(&mut self, now: u64) {
         // A client roams about every two seconds.
-        if self.rng.chance(1000 / 2 / self.clients.len().max(1) as u64 + 1) {
+        if self
+            .rng
+            .chance(1000 / 2 / self.clients.len().max(1) as u64 + 1)
+        {
             let i = self.rng.below(self.clients.len() as u64) as usize;
-            let to = self.rng.below(self.shape.nodes as u64) as usize;
+            let mut to = self.rng.below(self.shape.nodes as u64) as usize;
+            if self.ledger.fault_near(now) {
+                // While nodes cannot see each other a session cannot follow its client
+                // (partitions are issue 11's): clients come back where they were.
+                to = self.clients[i].node;
+            }
             let how = self.rng.below(3);
+            let rested = self.left_at[i] + self.shape.roam_gap_ms <= now;
             let c = &mut self.clients[i];
-            if c.phase == Phase::Online {
-                let net = &mut *self.net.borrow_mut();
+            if c.phase == Phase::Online && rested {
+                self.left_at[i] = now;
+                let net_rc = self.net.clone();
+                let mut net = net_rc.borrow_mut();
+                let net = &mut *net;
                 match how {
                     0 => c.disconnect(net, true, now),
                     1 => c.disconnect(net, false, now),
@@ -306,7 +332,9 @@ impl World {
                 let delay = if how == 2 { 0 } else { self.rng.range(0, 400) };
                 self.returns[i] = Some((now + delay, to));
                 let kind = ["leaves", "drops", "is taken over"][how as usize];
-                self.log(format!("client {i} {kind}, back on node {to} in {delay} ms"));
+                self.log(format!(
+                    "client {i} {kind}, back on node {to} in {delay} ms"
+                ));
             }
         }
         if !self.shape.link_faults || self.shape.nodes < 2 {
@@ -315,7 +343,8 @@ impl World {
         // A link fault about every four seconds.
         if self.rng.chance(1) && self.rng.chance(250) {
             let a = self.rng.below(self.shape.nodes as u64) as usize;
-            let b = (a + 1 + self.rng.below(self.shape.nodes as u64 - 1) as usize) % self.shape.nodes;
+            let b =
+                (a + 1 + self.rng.below(self.shape.nodes as u64 - 1) as usize) % self.shape.nodes;
             let (ha, hb) = (node_host(a), node_host(b));
             if self.rng.chance(500) {
                 self.net.borrow_mut().reset_between(ha, hb);
@@ -335,7 +364,9 @@ impl World {
                     fault,
                 });
                 let kind = if one_way { "one-way" } else { "both ways" };
-                self.log(format!("partition node {a} -> node {b} ({kind}) until t={until}"));
+                self.log(format!(
+                    "partition node {a} -> node {b} ({kind}) until t={until}"
+                ));
             }
         }
     }
@@ -379,7 +410,13 @@ fn build_node(
     let cluster_cfg = ClusterConfig {
         bind: Some(cluster_addr.parse().expect("a simulated address")),
         cookie: "simulated cluster".into(),
-        discovery: Discovery::Static(seeds.iter().filter(|s| **s != cluster_addr).cloned().collect()),
+        discovery: Discovery::Static(
+            seeds
+                .iter()
+                .filter(|s| **s != cluster_addr)
+                .cloned()
+                .collect(),
+        ),
         heartbeat_ms: 500,
         down_after_ms: 2_000,
         ..ClusterConfig::default()
