@@ -31,7 +31,7 @@ pub const HANDSHAKE_FRAME_MAX_BYTES: usize = 4 * 1024;
 /// Version of this frame format, checked in the handshake: a node of another version is
 /// refused (and logged) rather than misread. 2: message ids, session move frames 16 and 17.
 /// 3: random 16-byte nonces and HMAC-SHA256 mutual authentication.
-pub const CLUSTER_PROTOCOL_VERSION: u32 = 3;
+pub const CLUSTER_PROTOCOL_VERSION: u32 = 4;
 /// Bytes of a handshake nonce (from the OS random source, fresh per link).
 pub const NONCE_BYTES: usize = 16;
 /// Bytes of a handshake proof (HMAC-SHA256).
@@ -127,6 +127,10 @@ pub enum Frame {
         /// Packet ids of the first `sent_ids.len()` of `messages`, which were in flight: the
         /// new node sends them again (DUP) under the same ids.
         sent_ids: Vec<u16>,
+        /// Packet ids of QoS 2 messages the client published and the old node routed, whose
+        /// PUBREL has not come: a resent PUBLISH with one of them is not routed again
+        /// (MQTT-4.3.3-9), whichever node it reaches.
+        incoming_qos2: Vec<u16>,
     },
     /// A management question (`kind`: 1 clients, 2 subscriptions) for the receiver's shards.
     Query { token: u64, kind: u8 },
@@ -290,6 +294,7 @@ impl Frame {
                 messages,
                 pubrel,
                 sent_ids,
+                incoming_qos2,
             } => {
                 out.put_u64(*token);
                 put_str(out, client_id);
@@ -304,7 +309,7 @@ impl Frame {
                 for m in messages {
                     put_msg(out, m);
                 }
-                for ids in [pubrel, sent_ids] {
+                for ids in [pubrel, sent_ids, incoming_qos2] {
                     out.put_u32(ids.len() as u32);
                     for p in ids {
                         out.put_u16(*p);
@@ -415,6 +420,7 @@ mod tests {
                 messages: vec![msg()],
                 pubrel: vec![3, 65535],
                 sent_ids: vec![9],
+                incoming_qos2: vec![7, 1],
             },
             Frame::Query { token: 5, kind: 1 },
             Frame::QueryReply {

@@ -43,7 +43,6 @@ pub mod shard_io;
 pub mod shard_set;
 pub mod shared;
 #[cfg(test)]
-#[allow(dead_code)] // until the world that drives the nodes lands (issue 10)
 mod sim;
 pub mod sock;
 pub mod subscription_list;

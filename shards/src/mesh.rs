@@ -161,6 +161,8 @@ pub struct SessionExport {
     pub pubrel: Vec<u16>,
     /// Packet ids of the first messages, which were in flight.
     pub sent_ids: Vec<u16>,
+    /// Incoming QoS 2 packet ids awaiting the client's PUBREL (already routed).
+    pub incoming_qos2: Vec<u16>,
 }
 
 /// A cluster data link moving from the cluster thread, which set it up, to a shard.

@@ -317,6 +317,11 @@ impl Session {
         true
     }
 
+    /// Incoming QoS 2 packet ids awaiting their PUBREL, to move with the session.
+    pub fn unreleased_qos2(&self) -> Vec<u16> {
+        self.incoming_qos2.to_vec()
+    }
+
     /// True while the incoming QoS 2 `packet_id` awaits its PUBREL.
     pub fn awaits_pubrel(&self, packet_id: u16) -> bool {
         self.incoming_qos2.contains(&packet_id)

@@ -76,11 +76,11 @@ fuzz_target!(|data: &[u8]| {
                 Frame::Publish { msg, shared, .. } => {
                     shared.iter().for_each(|f| check_filter(f));
                     valid_peer_topic(&msg.topic, 128);
-                    from_wire(msg);
+                    from_wire(msg, 0);
                 }
                 Frame::Retain { msg } => {
                     valid_peer_topic(&msg.topic, 0);
-                    from_wire(msg);
+                    from_wire(msg, 0);
                 }
                 Frame::SessionTransfer {
                     subscriptions,
@@ -90,12 +90,12 @@ fuzz_target!(|data: &[u8]| {
                     subscriptions.iter().for_each(|s| check_filter(&s.filter));
                     for m in messages {
                         valid_peer_topic(&m.topic, 128);
-                        from_wire(m);
+                        from_wire(m, 0);
                     }
                 }
                 Frame::SessionTail { messages, .. } => {
                     for m in messages {
-                        from_wire(m);
+                        from_wire(m, 0);
                     }
                 }
                 Frame::QueryReply { rows, .. } => {

@@ -181,7 +181,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                 });
             }
             let messages = c.msgs()?;
-            let mut ids = [Vec::new(), Vec::new()];
+            let mut ids = [Vec::new(), Vec::new(), Vec::new()];
             for list in &mut ids {
                 let n = c.count(2)?;
                 list.reserve(n);
@@ -189,7 +189,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                     list.push(c.u16()?);
                 }
             }
-            let [pubrel, sent_ids] = ids;
+            let [pubrel, sent_ids, incoming_qos2] = ids;
             if sent_ids.len() > messages.len() {
                 return Err(FrameError::Malformed("more packet ids than messages"));
             }
@@ -201,6 +201,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
                 messages,
                 pubrel,
                 sent_ids,
+                incoming_qos2,
             }
         }
         13 => Frame::Query {

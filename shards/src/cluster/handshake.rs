@@ -155,8 +155,12 @@ impl Cluster {
             return;
         };
         if self.peers[p].state == PeerState::Up && self.peers[p].link.is_some() {
-            // Both sides dialled at once: keep the link dialled by the smaller name.
-            let keep_new = self.node < name;
+            // Both sides dialled at once: both keep the link dialled by the smaller name.
+            // (Deciding by name alone, without who dialled which link, made each side keep
+            // a different one and close the other's: the peers went down and up again on
+            // every redial, in step. Found by the simulator.)
+            let new_dialed = self.links[link].as_ref().is_some_and(|l| l.dialed);
+            let keep_new = new_dialed == (self.node < name);
             let old = self.peers[p].link.expect("up peer has a link");
             let (close, keep) = if keep_new { (old, link) } else { (link, old) };
             self.peers[p].link = Some(keep);

@@ -166,12 +166,15 @@ impl Cluster {
                 messages,
                 pubrel,
                 sent_ids,
+                incoming_qos2,
             } => {
                 let cfg = &self.metrics.cfg;
                 let inflight_max = usize::from(cfg.max_inflight);
                 let valid = client_id.len() <= MQTT_STRING_MAX_BYTES
                     && pubrel.len() <= inflight_max
                     && sent_ids.len() <= inflight_max
+                    && (cfg.max_awaiting_rel == 0
+                        || incoming_qos2.len() <= cfg.max_awaiting_rel.max(inflight_max))
                     && (cfg.max_subscriptions == 0 || subscriptions.len() <= cfg.max_subscriptions)
                     && subscriptions
                         .iter()
@@ -205,6 +208,7 @@ impl Cluster {
                             .collect(),
                         pubrel,
                         sent_ids,
+                        incoming_qos2,
                     })
                 });
                 self.takeover_answer(token, node, export);

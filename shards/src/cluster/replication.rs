@@ -131,6 +131,7 @@ impl Cluster {
                     messages: e.messages.iter().map(|m| to_wire(m, self.now_ms)).collect(),
                     pubrel: e.pubrel.clone(),
                     sent_ids: e.sent_ids.clone(),
+                    incoming_qos2: e.incoming_qos2.clone(),
                 };
                 self.send(link, &frame);
             }

@@ -38,6 +38,7 @@ impl Cluster {
                 messages: Vec::new(),
                 pubrel: Vec::new(),
                 sent_ids: Vec::new(),
+                incoming_qos2: Vec::new(),
             })
         });
         self.mesh

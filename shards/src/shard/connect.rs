@@ -204,6 +204,9 @@ impl Shard {
             for pid in e.pubrel {
                 self.session_mut(sidx).session.restore_released(pid);
             }
+            for pid in e.incoming_qos2 {
+                self.session_mut(sidx).session.incoming_qos2(pid);
+            }
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
             for (i, msg) in e.messages.into_iter().enumerate() {
@@ -259,6 +262,7 @@ impl Shard {
             subscriptions: Vec::new(),
             messages: Vec::new(),
             pubrel: Vec::new(),
+            incoming_qos2: Vec::new(),
             sent_ids: Vec::new(),
         };
         let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
@@ -297,6 +301,7 @@ impl Shard {
                         .collect();
                     export.pubrel = self.session(sidx).session.released_ids();
                     export.sent_ids = self.session(sidx).session.sent_ids();
+                    export.incoming_qos2 = self.session(sidx).session.unreleased_qos2();
                     export.messages = self.take_for_export(sidx);
                 }
                 if export.found {

@@ -355,9 +355,4 @@ impl Client {
             _ => {}
         }
     }
-
-    /// Publishes still waiting for their acknowledgement.
-    pub fn unacked(&self) -> usize {
-        self.outgoing.len()
-    }
 }

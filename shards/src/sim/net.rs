@@ -132,19 +132,6 @@ impl Net {
             .and_then(|q| q.pop_front())
     }
 
-    /// Connections waiting in accept queue `queue` of `addr`.
-    pub fn pending_accepts(&self, addr: &str, queue: usize) -> usize {
-        self.listeners
-            .get(addr)
-            .and_then(|l| l.queues.get(queue))
-            .map_or(0, |q| q.len())
-    }
-
-    /// The host an end belongs to.
-    pub fn host_of(&self, s: SockId) -> Option<Host> {
-        self.ends.get(&s).map(|e| e.host)
-    }
-
     /// The address of the host at the other end.
     pub fn peer_ip(&self, s: SockId) -> Option<IpAddr> {
         self.ends.get(&(s ^ 1)).map(|e| ip_of(e.host))
@@ -316,11 +303,6 @@ impl Net {
         self.blocked.clear();
     }
 
-    /// Whether traffic from `from` reaches `to` now.
-    pub fn reaches(&self, from: Host, to: Host) -> bool {
-        !self.blocked.contains(&(from, to))
-    }
-
     /// A host dies: its listeners go, every connection it had is reset (its peers see it;
     /// its own ends are gone with the process).
     pub fn crash(&mut self, host: Host) {
@@ -351,15 +333,6 @@ impl Net {
                 e.readable.extend(b.iter());
             }
         }
-    }
-
-    /// Bytes still travelling or unread anywhere (0 when the network is quiet).
-    pub fn bytes_pending(&self) -> usize {
-        self.ends
-            .values()
-            .filter(|e| !e.closed && !e.reset)
-            .map(|e| e.readable.len() + e.in_flight.iter().map(|c| c.1.len()).sum::<usize>())
-            .sum()
     }
 }
 

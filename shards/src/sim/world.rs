@@ -43,6 +43,10 @@ pub struct Shape {
     pub link_faults: bool,
     /// Least time (ms) between two departures of one client.
     pub roam_gap_ms: u64,
+    /// Clients come back on any node (true) or on the one they left (false).
+    pub roam: bool,
+    /// Check each publisher's order at each subscriber.
+    pub check_order: bool,
 }
 
 impl Default for Shape {
@@ -54,13 +58,15 @@ impl Default for Shape {
             publishers: 3,
             link_faults: true,
             roam_gap_ms: 0,
+            roam: true,
+            check_order: true,
         }
     }
 }
 
 /// A node: its shards and its cluster thread's core.
 struct SimNode {
-    host: Host,
+    control: Arc<ClusterControl>,
     shards: Vec<SimShard>,
     cluster: Cluster,
     _members: Rc<RefCell<Option<String>>>,
@@ -81,6 +87,8 @@ pub struct Outcome {
     pub trace: Vec<String>,
     pub published: usize,
     pub delivered: usize,
+    /// Times a node lost sight of a peer while no fault was near (a healthy cluster: 0).
+    pub flaps: usize,
 }
 
 pub struct World {
@@ -97,6 +105,9 @@ pub struct World {
     /// Old connections left open by a takeover (drained, never answered).
     zombies: Vec<u64>,
     partitions: Vec<Partition>,
+    /// Peers each node saw up at the last look.
+    peers_seen: Vec<usize>,
+    flaps: usize,
     ledger: Ledger,
     trace: Vec<String>,
 }
@@ -157,8 +168,9 @@ impl World {
             clients.push(c);
         }
         let n = clients.len();
+        let n_nodes = nodes.len();
         World {
-            shape,
+            shape: shape.clone(),
             rng,
             clock,
             net,
@@ -168,7 +180,12 @@ impl World {
             left_at: vec![0; n],
             zombies: Vec::new(),
             partitions: Vec::new(),
-            ledger: Ledger::default(),
+            peers_seen: vec![0; n_nodes],
+            flaps: 0,
+            ledger: Ledger {
+                check_order: shape.check_order,
+                ..Ledger::default()
+            },
             trace: Vec::new(),
         }
     }
@@ -202,16 +219,18 @@ impl World {
         while self.now() < END_MS {
             let step = self.rng.range(0, 2);
             self.clock.set(self.now() + step);
+            super::SIM_NOW.with(|n| n.set(self.now()));
             let now = self.now();
             self.net.borrow_mut().deliver(now);
             self.step_actors(now);
-            if now < CHAOS_END_MS && now >= WORKLOAD_START_MS {
+            if (WORKLOAD_START_MS..CHAOS_END_MS).contains(&now) {
                 self.chaos(now);
             }
             if now >= CHAOS_END_MS {
                 self.heal_all(now);
             }
             self.heal_due(now);
+            self.watch_peers();
         }
         let violations = self.ledger.check();
         self.trace.append(&mut self.ledger.notes);
@@ -224,6 +243,7 @@ impl World {
             trace: self.trace,
             published: self.ledger.msgs.len(),
             delivered,
+            flaps: self.flaps,
         }
     }
 
@@ -281,7 +301,7 @@ impl World {
                 None => {
                     // Dropped by the broker (taken over, or its node's link): back soon.
                     let mut node = self.rng.below(self.shape.nodes as u64) as usize;
-                    if self.ledger.fault_near(now) {
+                    if self.ledger.fault_near(now) || !self.shape.roam {
                         node = self.clients[i].node;
                     }
                     self.returns[i] = Some((now + self.rng.range(10, 300), node));
@@ -305,7 +325,7 @@ impl World {
         {
             let i = self.rng.below(self.clients.len() as u64) as usize;
             let mut to = self.rng.below(self.shape.nodes as u64) as usize;
-            if self.ledger.fault_near(now) {
+            if self.ledger.fault_near(now) || !self.shape.roam {
                 // While nodes cannot see each other a session cannot follow its client
                 // (partitions are issue 11's): clients come back where they were.
                 to = self.clients[i].node;
@@ -384,6 +404,23 @@ impl World {
             // The side that marked the other down re-syncs when the link is back.
             self.ledger.fault_ended(p.fault, now + 3_000);
             self.log(format!("partition {} - {} healed", p.a, p.b));
+        }
+    }
+
+    /// Logs each change in how many peers a node sees.
+    fn watch_peers(&mut self) {
+        for i in 0..self.nodes.len() {
+            let up = self.nodes[i]
+                .control
+                .peers_up
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if up < self.peers_seen[i] && self.now() > 100 && !self.ledger.fault_near(self.now()) {
+                self.flaps += 1;
+            }
+            if up != self.peers_seen[i] {
+                self.peers_seen[i] = up;
+                self.log(format!("node {i} sees {up} peers"));
+            }
         }
     }
 
@@ -467,12 +504,12 @@ fn build_node(
         cluster_cfg,
         shared,
         cluster_mesh,
-        control,
+        control.clone(),
         Box::new(io),
         cluster_addr,
     );
     SimNode {
-        host,
+        control: control.clone(),
         shards,
         cluster,
         _members: members,
