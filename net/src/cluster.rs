@@ -90,6 +90,10 @@ pub enum Frame {
     Members { members: Vec<(String, String)> },
     /// The sender leaves the cluster: forget it.
     Leave,
+    /// Both nodes dialled each other: the sender keeps the other link (the one dialled by
+    /// the smaller node name) and closes this one. The receiver moves to that link without
+    /// taking the sender down.
+    Superseded,
     /// The sender has subscribers for `filter` (`seq` orders route changes of one node).
     RouteAdd { seq: u64, filter: String },
     /// The sender no longer has subscribers for `filter`.
@@ -201,6 +205,7 @@ impl Frame {
             Frame::Heartbeat { .. } => 3,
             Frame::Members { .. } => 4,
             Frame::Leave => 5,
+            Frame::Superseded => 18,
             Frame::RouteAdd { .. } => 6,
             Frame::RouteDel { .. } => 7,
             Frame::RouteSnapshot { .. } => 8,
@@ -252,7 +257,7 @@ impl Frame {
                     put_str(out, a);
                 }
             }
-            Frame::Leave => {}
+            Frame::Leave | Frame::Superseded => {}
             Frame::RouteAdd { seq, filter } | Frame::RouteDel { seq, filter } => {
                 out.put_u64(*seq);
                 put_str(out, filter);
@@ -384,6 +389,7 @@ mod tests {
                 members: vec![("a@b".into(), "x:1".into())],
             },
             Frame::Leave,
+            Frame::Superseded,
             Frame::RouteAdd {
                 seq: 1,
                 filter: "a/+".into(),

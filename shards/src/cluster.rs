@@ -138,6 +138,9 @@ struct Peer {
     epoch: u32,
     /// Since when it is down (for autoclean; node clock, ms).
     down_since_ms: u64,
+    /// Up, between links: its link was superseded by the other link of a pair dialled at
+    /// once, which has not finished its handshake here yet; down if it has not by then.
+    relink_until_ms: Option<u64>,
 }
 
 /// One TCP connection to a peer, before or after the handshake.

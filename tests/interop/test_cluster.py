@@ -572,7 +572,8 @@ def frame(kind: int, body: bytes) -> bytes:
     return struct.pack(">I", 1 + len(body)) + bytes([kind]) + body
 
 
-CLUSTER_PROTOCOL_VERSION = 3
+# Must equal CLUSTER_PROTOCOL_VERSION in net/src/cluster.rs.
+CLUSTER_PROTOCOL_VERSION = 4
 
 
 def hello(name: str, version: int = CLUSTER_PROTOCOL_VERSION) -> bytes:

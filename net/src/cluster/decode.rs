@@ -129,6 +129,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
             Frame::Members { members }
         }
         5 => Frame::Leave,
+        18 => Frame::Superseded,
         6 => Frame::RouteAdd {
             seq: c.u64()?,
             filter: c.string()?,

@@ -132,7 +132,95 @@ impl Cluster {
                 log::warn!("cluster: frame before handshake; closing link");
                 self.mark_closed(link);
             }
+            Frame::Superseded => self.on_superseded(link),
             f => self.on_peer_frame(link, f),
+        }
+    }
+
+    /// What a peer gets when its link comes up: the members, this node's routes and
+    /// retained messages, and a heartbeat.
+    fn resync(&mut self, link: usize) {
+        let members = self.member_list();
+        self.send(link, &Frame::Members { members });
+        let filters: Vec<String> = self.local_routes.iter().cloned().collect();
+        let seq = self.route_seq;
+        self.send(link, &Frame::RouteSnapshot { seq, filters });
+        let retained: Vec<Arc<Message>> = self.retained.values().cloned().collect();
+        for m in retained {
+            let msg = to_wire(&m, self.now_ms);
+            self.send(link, &Frame::Retain { msg });
+        }
+        self.send_heartbeat(link);
+    }
+
+    /// Whether `link` is the one of a pair that both ends keep: dialled by the smaller name.
+    fn preferred(&self, link: usize, peer: &str) -> bool {
+        let dialed = self.links[link].as_ref().is_some_and(|l| l.dialed);
+        dialed == (self.node.as_str() < peer)
+    }
+
+    /// Another open control link with `peer` (in its handshake or up), if any: one that
+    /// named it in its `Hello`, or one this node dialled to its address whose `Hello` has
+    /// not come yet.
+    fn other_link(&self, link: usize, peer: &str, addr: &str) -> Option<usize> {
+        (0..self.links.len()).find(|&i| {
+            i != link
+                && self.links[i].as_ref().is_some_and(|l| {
+                    !l.closed
+                        && l.data_shard.is_none()
+                        && match l.peer_name.as_deref() {
+                            Some(name) => name == peer,
+                            None => l.dialed && l.peer_addr == addr,
+                        }
+                })
+        })
+    }
+
+    /// Drops `link`, one of a pair dialled at once, telling the peer to use the other.
+    fn supersede(&mut self, link: usize) {
+        self.send(link, &Frame::Superseded);
+        if let Some(l) = self.links[link].as_mut() {
+            // Closed without taking the peer down (see `close_link`).
+            l.peer_name = None;
+            l.closed = true;
+        }
+    }
+
+    /// Moves an up peer to `link` without taking it down: the new link gets what a new
+    /// peer gets (members, routes, retained messages), in case frames were lost between.
+    fn relink(&mut self, p: usize, link: usize) {
+        self.peers[p].link = Some(link);
+        self.peers[p].relink_until_ms = None;
+        self.resync(link);
+    }
+
+    /// The peer says `link` is superseded by the other link of a pair dialled at once.
+    pub(super) fn on_superseded(&mut self, link: usize) {
+        let Some(p) = self.peer_of_link(link) else {
+            self.supersede_silently(link);
+            return;
+        };
+        let (name, addr) = (self.peers[p].name.clone(), self.peers[p].addr.clone());
+        match self.other_link(link, &name, &addr) {
+            Some(other) => {
+                self.supersede_silently(link);
+                let authed = self.links[other].as_ref().is_some_and(|l| l.authed);
+                if authed {
+                    self.relink(p, other);
+                } else {
+                    self.peers[p].link = None;
+                    self.peers[p].relink_until_ms = Some(self.now_ms + HANDSHAKE_TIMEOUT_MS);
+                }
+            }
+            // No other link to move to: an ordinary loss of the link.
+            None => self.mark_closed(link),
+        }
+    }
+
+    fn supersede_silently(&mut self, link: usize) {
+        if let Some(l) = self.links[link].as_mut() {
+            l.peer_name = None;
+            l.closed = true;
         }
     }
 
@@ -154,19 +242,32 @@ impl Cluster {
             self.mark_closed(link);
             return;
         };
-        if self.peers[p].state == PeerState::Up && self.peers[p].link.is_some() {
-            // Both sides dialled at once: both keep the link dialled by the smaller name.
-            // (Deciding by name alone, without who dialled which link, made each side keep
-            // a different one and close the other's: the peers went down and up again on
-            // every redial, in step. Found by the simulator.)
-            let new_dialed = self.links[link].as_ref().is_some_and(|l| l.dialed);
-            let keep_new = new_dialed == (self.node < name);
-            let old = self.peers[p].link.expect("up peer has a link");
-            let (close, keep) = if keep_new { (old, link) } else { (link, old) };
-            self.peers[p].link = Some(keep);
-            if let Some(l) = self.links[close].as_mut() {
-                l.peer_name = None;
-                l.closed = true;
+        // Both nodes may dial each other at once. Both keep the link dialled by the smaller
+        // name and tell the other side when they drop the other one (`Superseded`), so that
+        // it moves over instead of taking this node down. (Deciding by name alone, without
+        // who dialled which link, made each side keep a different one: the peers went down
+        // and up again on every redial, in step. Found by the simulator.)
+        let preferred = self.preferred(link, &name);
+        if !preferred
+            && self
+                .other_link(link, &name, &addr)
+                .is_some_and(|o| self.preferred(o, &name))
+        {
+            self.supersede(link);
+            return;
+        }
+        if self.peers[p].state == PeerState::Up {
+            match self.peers[p].link {
+                Some(old) if !preferred => {
+                    // Already up on a link of the pair: this one goes.
+                    let _ = old;
+                    self.supersede(link);
+                }
+                Some(old) => {
+                    self.supersede(old);
+                    self.relink(p, link);
+                }
+                None => self.relink(p, link),
             }
             return;
         }
@@ -177,17 +278,7 @@ impl Cluster {
         self.peers[p].epoch = self.peers[p].epoch.wrapping_add(1);
         self.control.peers_up.fetch_add(1, Ordering::Relaxed);
         self.save_members();
-        let members = self.member_list();
-        self.send(link, &Frame::Members { members });
-        let filters: Vec<String> = self.local_routes.iter().cloned().collect();
-        let seq = self.route_seq;
-        self.send(link, &Frame::RouteSnapshot { seq, filters });
-        let retained: Vec<Arc<Message>> = self.retained.values().cloned().collect();
-        for m in retained {
-            let msg = to_wire(&m, self.now_ms);
-            self.send(link, &Frame::Retain { msg });
-        }
-        self.send_heartbeat(link);
+        self.resync(link);
         // Our shards' data links to it, and its data links that arrived before this one.
         for shard in 0..self.mesh.shards() {
             match self.dial(&addr) {

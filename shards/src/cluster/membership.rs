@@ -45,6 +45,7 @@ impl Cluster {
             route_seq: 0,
             epoch: 0,
             down_since_ms: self.now_ms,
+            relink_until_ms: None,
         });
         Some(self.peers.len() - 1)
     }
@@ -96,6 +97,20 @@ impl Cluster {
             };
             if stale {
                 self.close_link(i, "no heartbeat");
+            }
+        }
+        // A peer between links whose new link did not come up in time.
+        for p in 0..self.peers.len() {
+            let late = self.peers[p].relink_until_ms.is_some_and(|t| t <= now);
+            if late && self.peers[p].state == PeerState::Up && self.peers[p].link.is_none() {
+                log::warn!(
+                    "cluster: node {} is down (its other link did not come up)",
+                    self.peers[p].name
+                );
+                self.peers[p].relink_until_ms = None;
+                self.peers[p].state = PeerState::Down;
+                self.peers[p].down_since_ms = now;
+                self.peer_down(p);
             }
         }
         if now.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_ms {

@@ -255,9 +255,10 @@ impl Cluster {
                 }
             },
             Frame::QueryReply { token, rows } => self.query_rows(token, rows, Some(p)),
-            Frame::Hello { .. } | Frame::Auth { .. } | Frame::DataLink { .. } => {
-                self.mark_closed(link)
-            }
+            Frame::Hello { .. }
+            | Frame::Auth { .. }
+            | Frame::DataLink { .. }
+            | Frame::Superseded => self.mark_closed(link),
         }
     }
 

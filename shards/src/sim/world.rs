@@ -257,6 +257,7 @@ impl World {
             let per_node = shards + 1;
             if a < self.nodes.len() * per_node {
                 let (n, s) = (a / per_node, a % per_node);
+                super::SIM_NODE.with(|c| c.set(n));
                 let node = &mut self.nodes[n];
                 if s < shards {
                     node.shards[s].pump(&self.net, &mut self.rng, now);
@@ -414,7 +415,7 @@ impl World {
                 .control
                 .peers_up
                 .load(std::sync::atomic::Ordering::Relaxed);
-            if up < self.peers_seen[i] && self.now() > 100 && !self.ledger.fault_near(self.now()) {
+            if up < self.peers_seen[i] && !self.ledger.fault_near(self.now()) {
                 self.flaps += 1;
             }
             if up != self.peers_seen[i] {
