@@ -281,6 +281,7 @@ impl Shard {
         io: Box<dyn ShardIo>,
         id_seed: u64,
     ) -> Shard {
+        let mesh_id = mesh.id;
         Shard {
             id: mesh.id,
             shared,
@@ -302,7 +303,11 @@ impl Shard {
             timers: TimerWheel::new(0),
             sub_jobs: Default::default(),
             pending_ends: AHashMap::default(),
-            next_token: 1,
+            // Tokens go to the cluster thread, which keys takeovers by them: unique per node,
+            // not only per shard (two shards' CONNECTs with the same token had their session
+            // imports swapped: one client was given another's session; found by the
+            // simulator).
+            next_token: token_base(mesh_id),
             next_client_seq: 0,
             next_message_id: id_base(id_seed),
             flush_list: Vec::new(),
@@ -428,6 +433,11 @@ impl Shard {
         }
         log::debug!("shard {} stopped", self.id);
     }
+}
+
+/// The first token of shard `id`: the shard in the upper 16 bits, a counter below.
+fn token_base(id: usize) -> u64 {
+    ((id as u64) << 48) | 1
 }
 
 /// Reason code of a PUBREL/PUBCOMP: whether the packet id was known (MQTT-4.3.3).

@@ -87,7 +87,7 @@ impl Cluster {
             } => {
                 let ups = self.up_links();
                 if want_session {
-                    self.pending.insert(
+                    let earlier = self.pending.insert(
                         token,
                         PendingTakeover {
                             shard,
@@ -97,6 +97,7 @@ impl Cluster {
                             deadline_ms: self.now_ms + SESSION_WAIT_MS,
                         },
                     );
+                    debug_assert!(earlier.is_none(), "takeover tokens are unique per node");
                 }
                 let frame = Frame::Takeover {
                     client_id: client_id.to_string(),

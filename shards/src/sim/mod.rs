@@ -47,6 +47,23 @@ fn nodes_that_dial_each_other_at_once_stay_connected() {
     }
 }
 
+/// Seed 7 found it: two shards of a node numbered their takeover requests from 1 each, and
+/// the cluster thread keyed them by that number: when two clients resumed at once on two
+/// shards, the session found for one was imported for the other (one client was given
+/// another's session, the other found none). Tokens now carry the shard.
+#[test]
+fn two_shards_resuming_at_once_each_get_their_own_session() {
+    let shape = Shape {
+        link_faults: false,
+        roam_gap_ms: 3_000,
+        check_order: false,
+        ..Shape::default()
+    };
+    let out = World::new(7, shape).run();
+    assert!(out.published > 1_000, "the workload ran");
+    assert!(out.violations.is_empty(), "{:?}", out.violations.first());
+}
+
 /// Seed 1 found it: a publisher whose QoS 2 PUBLISH was routed but not yet released
 /// reconnected to another node and sent it again (DUP, same packet id); the moved session
 /// did not know the id, so the message was routed twice.
