@@ -128,8 +128,15 @@ impl Ledger {
         }
     }
 
+    /// A reconnect did not find its session: a loss, unless a fault was near (a client that
+    /// comes back on the other side of a partition from its session cannot have it; which
+    /// side wins after the heal is issue 11's).
     pub fn session_lost(&mut self, client: u32, now: u64) {
         self.lost_sessions.push((client, now));
+        if self.fault_near(now) {
+            self.note(now, format!("client {client} lost its session to a fault"));
+            return;
+        }
         self.violations.push(format!(
             "t={now}: client {client} reconnected and its persistent session was gone"
         ));
