@@ -97,11 +97,11 @@ impl Ledger {
 
     /// A copy of `key` reached `client` (a QoS 2 copy that the client already holds under
     /// the same packet id is not reported: it is the same delivery).
-    pub fn received(&mut self, client: u32, key: MsgKey, now: u64) {
+    pub fn received(&mut self, client: u32, key: MsgKey, now: u64) -> u32 {
         let count = self.got.entry((client, key)).or_insert(0);
         *count += 1;
         if *count > 1 {
-            return;
+            return *count;
         }
         let last = self.last_seq.entry((client, key.0)).or_insert(0);
         if key.1 < *last && self.check_order {
@@ -111,6 +111,7 @@ impl Ledger {
             ));
         }
         *last = (*last).max(key.1);
+        1
     }
 
     pub fn note(&mut self, now: u64, what: String) {
@@ -234,8 +235,8 @@ mod tests {
         l.subscribed(1, "t/a", 2, 0);
         l.published((0, 2), "t/a", 2, 5_000);
         l.acked((0, 2), 5_001);
-        l.received(1, (0, 2), 5_002);
-        l.received(1, (0, 2), 5_003);
+        assert_eq!(l.received(1, (0, 2), 5_002), 1);
+        assert_eq!(l.received(1, (0, 2), 5_003), 2);
         l.received(1, (0, 1), 5_004);
         let v = l.check();
         assert!(v.iter().any(|v| v.contains("after 2")), "{v:?}");

@@ -309,7 +309,17 @@ impl Client {
                     }
                 }
                 match key {
-                    Some(key) => ledger.received(self.idx, key, now),
+                    Some(key) => {
+                        let n = ledger.received(self.idx, key, now);
+                        if n > 1 {
+                            let what = format!(
+                                "client {} got message {} of publisher {} again ({n}) on node {} \
+                                 (QoS {}, packet id {}, dup {})",
+                                self.idx, key.1, key.0, self.node, p.qos as u8, p.packet_id, p.dup
+                            );
+                            ledger.note(now, what);
+                        }
+                    }
                     None => ledger.violations.push(format!(
                         "t={now}: client {} got a payload nobody published",
                         self.idx
