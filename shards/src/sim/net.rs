@@ -37,6 +37,9 @@ struct End {
     readable: VecDeque<u8>,
     /// Sent towards this end, not yet arrived: (arrival ms, bytes), in order.
     in_flight: VecDeque<(u64, Bytes)>,
+    /// Least delay (ms) of what travels towards this end: most paths are fast, some are
+    /// slow (a congested or distant link), so messages and route updates race.
+    base_latency_ms: u64,
     /// The peer shut down writing: EOF once everything before it was read.
     peer_fin: bool,
     /// This end shut down writing.
@@ -102,10 +105,19 @@ impl Net {
         }
         let id = self.next_conn * 2;
         self.next_conn += 1;
+        let mut slow = || {
+            if self.rng.chance(100) {
+                self.rng.range(20, 120)
+            } else {
+                0
+            }
+        };
+        let (up, down) = (slow(), slow());
         self.ends.insert(
             id,
             End {
                 host,
+                base_latency_ms: down,
                 ..End::default()
             },
         );
@@ -113,6 +125,7 @@ impl Net {
             id + 1,
             End {
                 host: server,
+                base_latency_ms: up,
                 ..End::default()
             },
         );
@@ -163,7 +176,8 @@ impl Net {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let last = peer.in_flight.back().map_or(0, |c| c.0);
-        let at = (now_ms + self.rng.below(self.max_latency_ms + 1)).max(last);
+        let at =
+            (now_ms + peer.base_latency_ms + self.rng.below(self.max_latency_ms + 1)).max(last);
         let peer = self.ends.get_mut(&(s ^ 1)).expect("checked above");
         let mut written = 0;
         for b in bufs {
