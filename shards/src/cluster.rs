@@ -39,6 +39,8 @@
 mod config;
 mod driver;
 mod handshake;
+#[cfg(test)]
+mod inspect;
 mod io;
 mod membership;
 mod peer_frames;

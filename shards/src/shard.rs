@@ -51,6 +51,8 @@ use std::sync::Arc;
 mod connect;
 mod deliver;
 mod input;
+#[cfg(test)]
+mod inspect;
 mod links;
 mod mesh_in;
 mod output;

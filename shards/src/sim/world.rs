@@ -21,6 +21,7 @@ use crate::config::BrokerConfig;
 use crate::node_shared::{ClusterControl, NodeShared};
 use shardmq_net::{Protocol, QoS};
 use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -66,6 +67,7 @@ impl Default for Shape {
 
 /// A node: its shards and its cluster thread's core.
 struct SimNode {
+    name: String,
     control: Arc<ClusterControl>,
     shards: Vec<SimShard>,
     cluster: Cluster,
@@ -232,6 +234,7 @@ impl World {
             self.heal_due(now);
             self.watch_peers();
         }
+        self.check_cluster();
         let violations = self.ledger.check();
         self.trace.append(&mut self.ledger.notes);
         // Both are in time order; one list in time order reads best.
@@ -408,6 +411,56 @@ impl World {
         }
     }
 
+    /// At the end, with every fault long healed: a client is online on one node at most,
+    /// each node replicates exactly the filters its sessions hold, and every other node's
+    /// replica of them is the same.
+    fn check_cluster(&mut self) {
+        let mut online: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
+        let mut truth: Vec<BTreeSet<String>> = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut filters = BTreeSet::new();
+            for s in &node.shards {
+                for c in s.core.online_clients() {
+                    online.entry(c).or_default().push(i);
+                }
+                filters.extend(s.core.session_filters().iter().map(|f| f.to_string()));
+            }
+            truth.push(filters);
+        }
+        let v = &mut self.ledger.violations;
+        for (client, nodes) in online {
+            if nodes.len() > 1 {
+                v.push(format!("end: client {client} is online on nodes {nodes:?}"));
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let own: BTreeSet<String> = node.cluster.own_routes().into_iter().collect();
+            if own != truth[i] {
+                v.push(format!(
+                    "end: node {i} replicates {own:?} but its sessions hold {:?}",
+                    truth[i]
+                ));
+            }
+            for (j, other) in self.nodes.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                match other.cluster.replica_of(&node.name) {
+                    None => v.push(format!("end: node {j} does not see node {i} up")),
+                    Some(r) => {
+                        let r: BTreeSet<String> = r.into_iter().collect();
+                        if r != truth[i] {
+                            v.push(format!(
+                                "end: node {j} holds {r:?} for node {i}, which holds {:?}",
+                                truth[i]
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Logs each change in how many peers a node sees.
     fn watch_peers(&mut self) {
         for i in 0..self.nodes.len() {
@@ -459,8 +512,9 @@ fn build_node(
         down_after_ms: 2_000,
         ..ClusterConfig::default()
     };
+    let node_name = format!("sim{i}@{}", super::net::ip_of(host));
     let cfg = BrokerConfig {
-        node_name: format!("sim{i}@{}", super::net::ip_of(host)),
+        node_name: node_name.clone(),
         shards: shape.shards,
         bind: mqtt_addr.parse().expect("a simulated address"),
         cluster: cluster_cfg.clone(),
@@ -510,6 +564,7 @@ fn build_node(
         cluster_addr,
     );
     SimNode {
+        name: node_name,
         control: control.clone(),
         shards,
         cluster,
