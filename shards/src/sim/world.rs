@@ -32,6 +32,8 @@ pub const WORKLOAD_START_MS: u64 = 4_000;
 pub const CHAOS_END_MS: u64 = 16_000;
 pub const PUBLISH_END_MS: u64 = 18_000;
 pub const END_MS: u64 = 30_000;
+/// How often (virtual ms) every queue is checked against its bound.
+const BOUNDS_CHECK_MS: u64 = 97;
 
 /// What one run is made of (the seed picks the rest).
 #[derive(Clone, Debug)]
@@ -110,6 +112,7 @@ pub struct World {
     /// Peers each node saw up at the last look.
     peers_seen: Vec<usize>,
     flaps: usize,
+    next_bounds_check: u64,
     ledger: Ledger,
     trace: Vec<String>,
 }
@@ -184,6 +187,7 @@ impl World {
             partitions: Vec::new(),
             peers_seen: vec![0; n_nodes],
             flaps: 0,
+            next_bounds_check: 0,
             ledger: Ledger {
                 check_order: shape.check_order,
                 ..Ledger::default()
@@ -233,6 +237,10 @@ impl World {
             }
             self.heal_due(now);
             self.watch_peers();
+            if now >= self.next_bounds_check {
+                self.next_bounds_check = now + BOUNDS_CHECK_MS;
+                self.check_bounds(now);
+            }
         }
         self.check_cluster();
         let violations = self.ledger.check();
@@ -456,6 +464,19 @@ impl World {
                             ));
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Every queue within its bound (checked every [`BOUNDS_CHECK_MS`]).
+    fn check_bounds(&mut self, now: u64) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            for (j, s) in node.shards.iter_mut().enumerate() {
+                for what in s.core.bounds_exceeded() {
+                    self.ledger.violations.push(format!(
+                        "t={now}: node {i} shard {j}: bound exceeded: {what}"
+                    ));
                 }
             }
         }
