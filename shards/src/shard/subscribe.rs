@@ -479,8 +479,9 @@ impl Shard {
         }
         if self.paused {
             // Cluster backpressure: `resume` reads it again with the others.
-            if !self.parked.contains(&(slot, gen)) {
-                self.parked.push((slot, gen));
+            let conn = ConnRef { slot, gen };
+            if !self.parked.contains(&conn) {
+                self.parked.push(conn);
             }
             return;
         }
