@@ -116,28 +116,60 @@ const MOVE_GRACE_MS: u64 = 5_000;
 /// (the new node keeps one copy of what it gets both ways).
 const MOVE_LINGER_MS: u64 = 1_000;
 
-/// A session slot: the session, its connection (if online) and when it expires (if offline).
+/// A session slot: the session, where it is in its life ([`SessionPhase`]) and what it
+/// carries besides.
 struct SessionEntry {
     session: Session,
-    conn: Option<u32>,
-    /// While online: the expiry interval in ms; while offline: the absolute expiry time.
-    expires_at_ms: u64,
+    /// Online, offline or moving away to another node.
+    phase: SessionPhase,
     /// When the current connection arrived (Unix ms), to settle racing takeovers.
     connected_at_ms: u64,
     /// A v5 will waiting for its delay (or the session's end) to pass.
-    pending_will: Option<Box<(Will, Protocol, u64)>>,
-    /// Exported to this node, whose routes for it may not have reached every node yet: kept
-    /// until it says they have, queuing what still arrives here for it (its tail).
-    moving_to: Option<u8>,
-    /// The new node said it routes the session: what still arrives goes to it when the
-    /// linger is over.
-    move_ended: bool,
+    pending_will: Option<Box<PendingWill>>,
     /// Moved here from another node: ids of the messages it got since, so that one arriving
-    /// both directly and in the old node's tail is delivered once.
+    /// both directly and in the old node's tail is delivered once. Independent of the phase:
+    /// a session that just moved here may be online, offline or already moving on.
     seen: Option<Box<SeenIds>>,
     /// Source address key (see `origin_key`) this persistent session is counted under for
     /// `mqtt.max_sessions_per_ip`; 0 = not counted. 32 bits fit the entry's padding.
     origin: u32,
+}
+
+/// A v5 will of an offline session, published at `due_ms` (node clock) unless the session
+/// resumes first, or when the session ends if sooner (MQTT-3.1.3-9).
+struct PendingWill {
+    will: Will,
+    protocol: Protocol,
+    due_ms: u64,
+}
+
+/// Where a session is in its life. Each phase holds the one deadline it means, so an expiry
+/// interval cannot be read as a time, nor a connection kept by a session that moved away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionPhase {
+    /// Bound to connection `conn` (a slot of the shard's slab); `expiry_ms` is how long the
+    /// session outlives it (0: it ends with it).
+    Online { conn: u32, expiry_ms: u64 },
+    /// No connection; the session ends at `expires_at_ms` (node clock) unless one comes.
+    Offline { expires_at_ms: u64 },
+    /// Exported to node `to`, whose routes for it may not have reached every node yet: kept
+    /// until `until_ms`, queuing what still arrives here for it (its tail). `ended`: `to`
+    /// said it routes the session, so what still arrives goes to it during a short linger.
+    MovingAway { to: u8, ended: bool, until_ms: u64 },
+}
+
+impl SessionEntry {
+    /// The connection the session is bound to, if online.
+    fn conn(&self) -> Option<u32> {
+        match self.phase {
+            SessionPhase::Online { conn, .. } => Some(conn),
+            SessionPhase::Offline { .. } | SessionPhase::MovingAway { .. } => None,
+        }
+    }
+
+    fn is_moving_away(&self) -> bool {
+        matches!(self.phase, SessionPhase::MovingAway { .. })
+    }
 }
 
 /// A socket closed with a reason, half-closed and drained until EOF or its deadline.
@@ -158,6 +190,30 @@ struct SeenIds {
 const TAIL_OVERLAP_MS: u64 = 2_000;
 /// Most ids a moved session remembers; past it, it stops looking (a duplicate can get out).
 const SEEN_IDS_MAX: usize = 100_000;
+
+/// A connection by slot and generation (a slot reused by a later connection has another
+/// generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConnRef {
+    slot: u32,
+    gen: u32,
+}
+
+/// A CONNECT waiting for the other nodes' sessions (its connection is in `Resuming`).
+struct Resuming {
+    conn: ConnRef,
+    connect: Box<Connect>,
+    /// The client id was assigned by this node (v5 says so in the CONNACK).
+    assigned: bool,
+}
+
+/// A session moved here whose new routes are not yet acknowledged by every other shard.
+struct PendingEnd {
+    client_id: Arc<str>,
+    /// The node it moved from, told `TakeoverEnd` once `acks_awaited` reaches 0.
+    from: u8,
+    acks_awaited: usize,
+}
 
 /// A local subscriber of one filter.
 #[derive(Clone, Copy)]
@@ -243,13 +299,13 @@ pub struct Shard {
     /// Turn counter for picking the node of a shared group with no local member.
     share_rr: u64,
     /// CONNECTs waiting for other nodes' sessions, by takeover token.
-    resuming: AHashMap<u64, (u32, u32, Box<Connect>, bool)>,
+    resuming: AHashMap<u64, Resuming>,
     timers: TimerWheel<TimerToken>,
     /// SUBSCRIBE/UNSUBSCRIBE packets being worked through in slices (`shard/subscribe.rs`).
     sub_jobs: subscribe::SubJobs,
     /// Sessions moved here, waiting for their new routes to reach every shard before the
-    /// exporting node is told to let go: token → (client id, exporting node, acks awaited).
-    pending_ends: AHashMap<u64, (Arc<str>, u8, usize)>,
+    /// exporting node is told to let go, by the token of their route updates.
+    pending_ends: AHashMap<u64, PendingEnd>,
     next_token: u64,
     next_client_seq: u64,
     /// Upper half: random per shard and process; lower half: a counter. See `Message::id`.
@@ -260,7 +316,7 @@ pub struct Shard {
     /// Reading clients is paused because a link to a peer is full (backpressure).
     paused: bool,
     /// Connections whose reading was paused, to resume when the links drain.
-    parked: Vec<(u32, u32)>,
+    parked: Vec<ConnRef>,
     scratch: BytesMut,
     /// Accepts failed for lack of descriptors since the last log line, and when that was.
     accept_failures: u64,
@@ -613,6 +669,13 @@ mod tests {
     fn timer_token_fits_its_memory_budget() {
         // One per connection and per offline session sits in the wheel.
         assert!(std::mem::size_of::<TimerToken>() <= 12);
+    }
+
+    #[test]
+    fn session_phase_fits_its_memory_budget() {
+        // A connection slot or a node index, a flag and one deadline: no more than the
+        // `conn` and `expires_at_ms` fields it replaced.
+        assert!(std::mem::size_of::<SessionPhase>() <= 16);
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Shard {
             let token = self.next_token;
             self.next_token += 1;
             let stub = self.by_client.get(connect.client_id.as_str()).copied();
-            if let Some(sidx) = stub.filter(|&s| self.session(s).moving_to.is_some()) {
+            if let Some(sidx) = stub.filter(|&s| self.session(s).is_moving_away()) {
                 // Back here while moving away: the node it moved to has the session now.
                 self.destroy_session(sidx);
             }
@@ -137,7 +137,13 @@ impl Shard {
             if want_session {
                 if let Some(conn) = self.conns.get_mut(slot, gen) {
                     conn.state = ConnState::Resuming;
-                    self.resuming.insert(token, (slot, gen, connect, assigned));
+                    let conn = ConnRef { slot, gen };
+                    let resuming = Resuming {
+                        conn,
+                        connect,
+                        assigned,
+                    };
+                    self.resuming.insert(token, resuming);
                 }
                 return;
             }
@@ -147,7 +153,12 @@ impl Shard {
 
     /// Another node's answer for a CONNECT in `Resuming`: import its session, then attach.
     pub(super) fn on_session_import(&mut self, e: SessionExport) {
-        let Some((slot, gen, connect, assigned)) = self.resuming.remove(&e.token) else {
+        let Some(Resuming {
+            conn: ConnRef { slot, gen },
+            connect,
+            assigned,
+        }) = self.resuming.remove(&e.token)
+        else {
             return;
         };
         // A client gone while its session was on the way still has that session (offline)
@@ -198,8 +209,12 @@ impl Shard {
             if waiting == 0 {
                 self.takeover_end(e.client_id.clone(), e.node);
             } else {
-                self.pending_ends
-                    .insert(token, (e.client_id.clone(), e.node, waiting));
+                let end = PendingEnd {
+                    client_id: e.client_id.clone(),
+                    from: e.node,
+                    acks_awaited: waiting,
+                };
+                self.pending_ends.insert(token, end);
             }
             for pid in e.pubrel {
                 self.session_mut(sidx).session.restore_released(pid);
@@ -227,7 +242,13 @@ impl Shard {
         if gone {
             if let Some(sidx) = imported {
                 let at = self.now_ms + keep_ms;
-                self.session_mut(sidx).expires_at_ms = at;
+                let entry = self.session_mut(sidx);
+                debug_assert_eq!(
+                    entry.phase,
+                    SessionPhase::Offline { expires_at_ms: 0 },
+                    "an imported session is new"
+                );
+                entry.phase = SessionPhase::Offline { expires_at_ms: at };
                 self.timers.schedule(at, TimerToken::Session(sidx));
             }
             return;
@@ -266,7 +287,7 @@ impl Shard {
             sent_ids: Vec::new(),
         };
         let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
-            self.session(s).conn.is_some() && self.session(s).connected_at_ms > at_ms
+            self.session(s).conn().is_some() && self.session(s).connected_at_ms > at_ms
         });
         if newer_here {
             // Two nodes took the same id at nearly the same time: the newest connection wins.
@@ -279,7 +300,7 @@ impl Shard {
                 "shard {}: client {client_id:?} taken over by another node",
                 self.id
             );
-            if let Some(slot) = self.session(sidx).conn {
+            if let Some(slot) = self.session(sidx).conn() {
                 self.close(slot, Close::TakenOver);
             }
             if let Some(sidx) = self.by_client.get(&client_id).copied() {
@@ -308,8 +329,16 @@ impl Shard {
                     // First phase of the move: kept, queuing, until `node` routes it.
                     let at = self.now_ms + MOVE_GRACE_MS;
                     let entry = self.session_mut(sidx);
-                    entry.moving_to = Some(node);
-                    entry.expires_at_ms = at;
+                    debug_assert!(
+                        entry.conn().is_none(),
+                        "a session moves away once its connection is closed"
+                    );
+                    // Also when it was moving to another node: a new move starts.
+                    entry.phase = SessionPhase::MovingAway {
+                        to: node,
+                        ended: false,
+                        until_ms: at,
+                    };
                     self.timers.schedule(at, TimerToken::Session(sidx));
                 } else {
                     self.destroy_session(sidx);
@@ -353,14 +382,18 @@ impl Shard {
         let Some(sidx) = self.by_client.get(&client_id).copied() else {
             return;
         };
-        if self.session(sidx).moving_to != Some(node) || self.session(sidx).move_ended {
+        let moving_to_node = matches!(self.session(sidx).phase,
+            SessionPhase::MovingAway { to, ended: false, .. } if to == node);
+        if !moving_to_node {
             return;
         }
         self.send_tail(sidx, client_id, node);
         let at = self.now_ms + MOVE_LINGER_MS;
-        let entry = self.session_mut(sidx);
-        entry.move_ended = true;
-        entry.expires_at_ms = at;
+        self.session_mut(sidx).phase = SessionPhase::MovingAway {
+            to: node,
+            ended: true,
+            until_ms: at,
+        };
         self.timers.schedule(at, TimerToken::Session(sidx));
     }
 
@@ -481,7 +514,7 @@ impl Shard {
 
         // Takeover (MQTT-3.1.4-3): the old connection of this client id is closed.
         if let Some(sidx) = existing {
-            if let Some(old_slot) = self.session(sidx).conn {
+            if let Some(old_slot) = self.session(sidx).conn() {
                 if old_slot != slot {
                     log::info!("shard {}: client {client_id:?} taken over", self.id);
                     self.close(old_slot, Close::TakenOver);
@@ -503,15 +536,20 @@ impl Shard {
         let connected_at_ms = self.io.unix_ms();
         {
             let entry = self.session_mut(sidx);
-            entry.conn = Some(slot);
+            debug_assert!(
+                entry.conn().is_none(),
+                "a session's old connection is closed before a new one binds it"
+            );
+            // Also ends a move away: resumed here because no peer was up to take it.
+            entry.phase = SessionPhase::Online {
+                conn: slot,
+                expiry_ms: expiry_s as u64 * 1000,
+            };
             entry.session.ephemeral = ephemeral;
-            entry.expires_at_ms = expiry_s as u64 * 1000;
             // A session resumed before its will delay ran out keeps its will unsent
             // (MQTT-3.1.3-9).
             entry.pending_will = None;
             entry.connected_at_ms = connected_at_ms;
-            // Resumed here (no peer was up to take it): it is not moving any more.
-            entry.moving_to = None;
         }
         if !ephemeral && origin != 0 && self.session(sidx).origin == 0 {
             self.session_mut(sidx).origin = origin;
@@ -588,12 +626,10 @@ impl Shard {
     fn new_session(&mut self, client_id: Arc<str>, ephemeral: bool) -> u32 {
         let entry = SessionEntry {
             session: Session::new(client_id.clone(), ephemeral),
-            conn: None,
-            expires_at_ms: 0,
+            // Until it is bound to a connection or given its expiry by its caller.
+            phase: SessionPhase::Offline { expires_at_ms: 0 },
             connected_at_ms: 0,
             pending_will: None,
-            moving_to: None,
-            move_ended: false,
             seen: None,
             origin: 0,
         };
@@ -630,12 +666,15 @@ impl Shard {
         };
         if let Some(pending) = entry.pending_will.take() {
             // The session ends before the will delay: the will goes now (MQTT-3.1.3-9).
-            let (will, protocol, _) = *pending;
+            let PendingWill { will, protocol, .. } = *pending;
             self.sessions[idx as usize] = Some(entry);
             self.publish_will(idx, will, protocol);
             entry = self.sessions[idx as usize].take().expect("just put back");
         }
-        debug_assert!(entry.conn.is_none(), "a session is detached before it ends");
+        debug_assert!(
+            entry.conn().is_none(),
+            "a session is detached before it ends"
+        );
         if entry.origin != 0 {
             if let Some(n) = self.sessions_by_origin.get_mut(&entry.origin) {
                 *n -= 1;

@@ -184,11 +184,14 @@ impl Shard {
             (c.max_queued_messages, c.queue_drop_policy, c.queue_qos0)
         };
         let entry = self.session_mut(sidx);
-        if let Some(node) = entry.moving_to {
+        if let SessionPhase::MovingAway {
+            to: node, ended, ..
+        } = entry.phase
+        {
             // Its tail: bounded by the move's grace time, not the queue limit, since dropping
             // any of it loses what no other node has.
             entry.session.enqueue(d, usize::MAX, policy);
-            if entry.move_ended {
+            if ended {
                 // Lingering: straight on to the node it moved to (which keeps one copy).
                 let client_id = entry.session.client_id.clone();
                 self.send_tail(sidx, client_id, node);
@@ -197,7 +200,7 @@ impl Shard {
         }
         let window = self.window(sidx);
         let entry = self.session_mut(sidx);
-        let conn_slot = entry.conn;
+        let conn_slot = entry.conn();
         if conn_slot.is_none() && d.qos == QoS::AtMostOnce && !queue_qos0 {
             self.shared.metrics.dropped(DropReason::Qos0Offline);
             return;
@@ -231,7 +234,7 @@ impl Shard {
     /// The in-flight window of a session's current connection.
     fn window(&mut self, sidx: u32) -> usize {
         let cfg = self.cfg().max_inflight as usize;
-        match self.session(sidx).conn {
+        match self.session(sidx).conn() {
             Some(slot) => self
                 .conns
                 .get_slot(slot)
@@ -243,7 +246,7 @@ impl Shard {
 
     /// Moves queued messages to the connection while window and socket allow.
     pub(super) fn pump(&mut self, sidx: u32) {
-        let Some(slot) = self.session(sidx).conn else {
+        let Some(slot) = self.session(sidx).conn() else {
             return;
         };
         let window = self.window(sidx);

@@ -205,7 +205,7 @@ impl Shard {
         }
         if !conn.parked {
             conn.parked = true;
-            self.parked.push((slot, gen));
+            self.parked.push(ConnRef { slot, gen });
             if armed {
                 self.io.cancel(Token::Recv { slot, gen });
             }
@@ -221,7 +221,7 @@ impl Shard {
             .cluster_paused_shards
             .fetch_sub(1, Ordering::Relaxed);
         log::debug!("shard {}: links drained; resuming clients", self.id);
-        for (slot, gen) in std::mem::take(&mut self.parked) {
+        for ConnRef { slot, gen } in std::mem::take(&mut self.parked) {
             self.read_again(slot, gen);
         }
     }

@@ -91,10 +91,10 @@ impl Shard {
 
     fn on_route_ack(&mut self, token: u64) {
         if let Some(end) = self.pending_ends.get_mut(&token) {
-            end.2 -= 1;
-            if end.2 == 0 {
-                let (client_id, node, _) = self.pending_ends.remove(&token).expect("present");
-                self.takeover_end(client_id, node);
+            end.acks_awaited -= 1;
+            if end.acks_awaited == 0 {
+                let end = self.pending_ends.remove(&token).expect("present");
+                self.takeover_end(end.client_id, end.from);
             }
             return;
         }

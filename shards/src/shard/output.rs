@@ -143,18 +143,31 @@ impl Shard {
         }
         let now = self.now_ms;
         let entry = self.session_mut(sidx);
-        if entry.conn != Some(slot) {
+        let SessionPhase::Online {
+            conn: bound,
+            expiry_ms,
+        } = entry.phase
+        else {
+            return;
+        };
+        if bound != slot {
             return;
         }
-        entry.conn = None;
+        // Offline from now: it ends `expiry_ms` from now (at once if ephemeral).
+        let expires_at_ms = now + expiry_ms;
+        entry.phase = SessionPhase::Offline { expires_at_ms };
         let ephemeral = entry.session.ephemeral;
         if let Some(will) = will {
             let delay_s = will.properties.will_delay_interval.unwrap_or(0) as u64;
             if protocol == Protocol::V5 && delay_s > 0 && !ephemeral {
                 // MQTT-3.1.3-9: the will waits for its delay or the session's end, whichever
                 // comes first, and is dropped if the session resumes before.
-                let at = now + (delay_s * 1000).min(entry.expires_at_ms);
-                entry.pending_will = Some(Box::new((*will, protocol, at)));
+                let at = now + (delay_s * 1000).min(expiry_ms);
+                entry.pending_will = Some(Box::new(PendingWill {
+                    will: *will,
+                    protocol,
+                    due_ms: at,
+                }));
                 self.timers.schedule(at, TimerToken::Will(sidx));
             } else {
                 self.publish_will(sidx, *will, protocol);
@@ -164,10 +177,8 @@ impl Shard {
         if ephemeral {
             self.destroy_session(sidx);
         } else {
-            let entry = self.session_mut(sidx);
-            let at = now + entry.expires_at_ms;
-            entry.expires_at_ms = at;
-            self.timers.schedule(at, TimerToken::Session(sidx));
+            self.timers
+                .schedule(expires_at_ms, TimerToken::Session(sidx));
         }
     }
 

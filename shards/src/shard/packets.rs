@@ -56,7 +56,10 @@ impl Shard {
                         return Flow::Stop;
                     }
                     let expiry = expiry.min(cap);
-                    entry.expires_at_ms = expiry as u64 * 1000;
+                    match &mut entry.phase {
+                        SessionPhase::Online { expiry_ms, .. } => *expiry_ms = expiry as u64 * 1000,
+                        _ => debug_assert!(false, "a DISCONNECT comes on an online session"),
+                    }
                     entry.session.ephemeral = expiry == 0;
                 }
                 // MQTT-3.14.4-3: a normal DISCONNECT discards the will, except v5 0x04.

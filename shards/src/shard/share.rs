@@ -248,7 +248,7 @@ impl Shard {
                     (
                         s.options,
                         s.id,
-                        e.conn.is_some() && e.session.queue_len() < max_queued,
+                        e.conn().is_some() && e.session.queue_len() < max_queued,
                     )
                 })
             }

@@ -38,8 +38,19 @@ enum Stage {
     Retained,
 }
 
-/// A retained-message request: a granted filter, with the options it was granted under.
-type RetainedWant = (Arc<str>, SubscriptionOptions, Option<NonZeroU32>);
+/// A retained-message request: a granted filter, with what it was granted under.
+#[derive(Clone)]
+struct RetainedWant {
+    filter: Arc<str>,
+    grant: Grant,
+}
+
+/// What a filter was granted under: its options and the packet's v5 Subscription Identifier.
+#[derive(Clone, Copy)]
+struct Grant {
+    options: SubscriptionOptions,
+    id: Option<NonZeroU32>,
+}
 
 /// One SUBSCRIBE or UNSUBSCRIBE in progress.
 pub(super) struct SubJob {
@@ -65,7 +76,7 @@ pub(super) struct SubJob {
     next_want: usize,
     /// Retained topics matched by the current entry, not delivered yet, with its options.
     topics: Vec<Arc<str>>,
-    current: Option<(SubscriptionOptions, Option<NonZeroU32>)>,
+    current: Option<Grant>,
     /// This job paused reading its connection.
     paused: bool,
 }
@@ -288,9 +299,10 @@ impl Shard {
                             continue;
                         }
                         // None: every want delivered, the job is done.
-                        let (filter, options, id) = job.wants.get(job.next_want).cloned()?;
+                        let RetainedWant { filter, grant } =
+                            job.wants.get(job.next_want).cloned()?;
                         job.next_want += 1;
-                        job.current = Some((options, id));
+                        job.current = Some(grant);
                         // Topics, not messages: each is looked up when its turn comes, so a
                         // message replaced meanwhile goes out in its newest version.
                         self.retained.matching(&filter, &mut job.topics);
@@ -353,11 +365,15 @@ impl Shard {
         if send && may_match {
             // MQTT-3.8.4-3: a repeated filter replaces the subscription; its retained messages
             // are sent once, under the latest options.
+            let grant = Grant {
+                options,
+                id: job.sub_id,
+            };
             match job.want_at.get(&filter) {
-                Some(&i) => job.wants[i] = (filter, options, job.sub_id),
+                Some(&i) => job.wants[i] = RetainedWant { filter, grant },
                 None => {
                     job.want_at.insert(filter.clone(), job.wants.len());
-                    job.wants.push((filter, options, job.sub_id));
+                    job.wants.push(RetainedWant { filter, grant });
                 }
             }
         }
@@ -408,7 +424,8 @@ impl Shard {
     }
 
     fn deliver_retained(&mut self, job: &SubJob, topic: &str) {
-        let (Some(msg), Some((options, id))) = (self.retained.get(topic), job.current) else {
+        let (Some(msg), Some(Grant { options, id })) = (self.retained.get(topic), job.current)
+        else {
             return;
         };
         let d = Delivery {
@@ -479,8 +496,9 @@ impl Shard {
         }
         if self.paused {
             // Cluster backpressure: `resume` reads it again with the others.
-            if !self.parked.contains(&(slot, gen)) {
-                self.parked.push((slot, gen));
+            let conn = ConnRef { slot, gen };
+            if !self.parked.contains(&conn) {
+                self.parked.push(conn);
             }
             return;
         }

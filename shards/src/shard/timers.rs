@@ -26,13 +26,14 @@ impl Shard {
         let Some(Some(entry)) = self.sessions.get_mut(sidx as usize) else {
             return;
         };
-        if entry.conn.is_some() {
+        if entry.conn().is_some() {
             return;
         }
-        let due = entry.pending_will.as_ref().map(|p| p.2);
+        let due = entry.pending_will.as_ref().map(|p| p.due_ms);
         match due {
             Some(at) if at <= now => {
-                let (will, protocol, _) = *entry.pending_will.take().expect("checked above");
+                let pending = entry.pending_will.take().expect("checked above");
+                let PendingWill { will, protocol, .. } = *pending;
                 self.publish_will(sidx, will, protocol);
             }
             Some(at) => self.timers.schedule(at, token),
@@ -45,14 +46,20 @@ impl Shard {
         let Some(Some(entry)) = self.sessions.get(sidx as usize) else {
             return;
         };
-        if entry.conn.is_some() {
-            return;
-        }
-        if entry.expires_at_ms <= self.now_ms {
-            if let (Some(node), true) = (entry.moving_to, entry.move_ended) {
+        let (at, moving) = match entry.phase {
+            SessionPhase::Online { .. } => return,
+            SessionPhase::Offline { expires_at_ms } => (expires_at_ms, None),
+            SessionPhase::MovingAway {
+                to,
+                ended,
+                until_ms,
+            } => (until_ms, Some((to, ended))),
+        };
+        if at <= self.now_ms {
+            if let Some((node, true)) = moving {
                 let client_id = entry.session.client_id.clone();
                 self.send_tail(sidx, client_id, node);
-            } else if entry.moving_to.is_some() {
+            } else if moving.is_some() {
                 log::info!(
                     "shard {}: session {:?} moved away, but its new node never said it \
                      routes it; dropping what was queued since",
@@ -68,7 +75,6 @@ impl Shard {
             }
             self.destroy_session(sidx);
         } else {
-            let at = entry.expires_at_ms;
             self.timers.schedule(at, token);
         }
     }
@@ -124,7 +130,7 @@ impl Shard {
             match kind {
                 QueryKind::Clients => rows.push(format!(
                     "{{\"clientid\":{id},\"node\":{node},\"connected\":{},\"subscriptions\":{},\"inflight\":{},\"queued\":{},\"dropped\":{}}}",
-                    entry.conn.is_some(),
+                    entry.conn().is_some(),
                     s.subscriptions.len(),
                     s.inflight_len(),
                     s.queue_len(),
