@@ -289,7 +289,20 @@ impl Shard {
         let newer_here = self.by_client.get(&client_id).is_some_and(|&s| {
             self.session(s).conn().is_some() && self.session(s).connected_at_ms > at_ms
         });
-        if newer_here {
+        // A session that is moving away is the other node's now: what is left here is its
+        // tail on the way there. Answering with it would hand the asker a stale copy first
+        // and the real session's export, second, would be dropped with its messages (found
+        // by the simulator with clients moving several times a second).
+        let moving_away = self
+            .by_client
+            .get(&client_id)
+            .is_some_and(|&s| self.session(s).is_moving_away());
+        if moving_away {
+            log::debug!(
+                "shard {}: {client_id:?} is moving away; the node it moves to answers",
+                self.id
+            );
+        } else if newer_here {
             // Two nodes took the same id at nearly the same time: the newest connection wins.
             log::info!(
                 "shard {}: ignoring an older takeover of {client_id:?}",

@@ -8,7 +8,7 @@ impl Shard {
         self.sessions
             .iter()
             .flatten()
-            .filter(|e| e.conn.is_some())
+            .filter(|e| e.conn().is_some())
             .map(|e| e.session.client_id.clone())
             .collect()
     }
