@@ -12,7 +12,7 @@
 //! with Quota exceeded (0x97): it broke no protocol rule (its aliases are in range), it
 //! exceeded a limit of ours, which is what 0x97 says.
 
-use ahash::AHashMap;
+use crate::hash::Map;
 use std::sync::Arc;
 
 /// Bytes charged per alias entry on top of its topic (map slot, `Arc` header, clock slot).
@@ -33,7 +33,7 @@ pub enum AliasUse {
 pub struct OutboundAliases {
     max: u16,
     budget_bytes: usize,
-    by_topic: AHashMap<Arc<str>, u16>,
+    by_topic: Map<Arc<str>, u16>,
     /// `slots[a - 1]` = the topic alias `a` names, and its second-chance bit.
     slots: Vec<Option<(Arc<str>, bool)>>,
     /// Aliases below `slots.len()` that name nothing (evicted to fit the byte budget).
@@ -51,7 +51,7 @@ impl OutboundAliases {
         OutboundAliases {
             max,
             budget_bytes,
-            by_topic: AHashMap::default(),
+            by_topic: Map::default(),
             slots: Vec::new(),
             free: Vec::new(),
             hand: 0,
@@ -142,7 +142,7 @@ pub struct AliasQuotaExceeded;
 /// Client → server aliases: alias → topic, bounded in bytes (the count by our maximum).
 #[derive(Default)]
 pub struct InboundAliases {
-    map: AHashMap<u16, Arc<str>>,
+    map: Map<u16, Arc<str>>,
     bytes: usize,
 }
 

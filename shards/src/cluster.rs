@@ -60,6 +60,7 @@ pub use driver::LinkInterest;
 pub use io::ClusterIo;
 pub use poll_driver::PollDriver;
 
+use crate::hash::{Map as HashMap, Set as HashSet};
 use crate::json::{flat_json_object, json_str};
 use crate::mesh::{MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
@@ -73,7 +74,7 @@ use shardmq_net::cluster::{
     handshake_proof, verify_proof, Frame, FrameReader, Nonce, Role, Transcript, WireSubscription,
     CLUSTER_PROTOCOL_VERSION, FRAME_MAX_BYTES, HANDSHAKE_FRAME_MAX_BYTES,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -252,13 +253,13 @@ impl Cluster {
             io,
             peers: Vec::new(),
             links: Vec::new(),
-            local_routes: HashSet::new(),
+            local_routes: HashSet::default(),
             route_seq: 0,
-            retained: HashMap::new(),
+            retained: HashMap::default(),
             retained_bytes: 0,
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             takeover_ends: Vec::new(),
-            queries: HashMap::new(),
+            queries: HashMap::default(),
             next_query: 1,
             started_at_ms: 0,
             started_ms,

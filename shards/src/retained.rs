@@ -11,9 +11,9 @@
 //! `TRIE_LEVELS_MAX`-level prefix are few in practice, and so is that list. Every walk uses
 //! an explicit stack and the trie drops iteratively.
 
+use crate::hash::Map;
 use crate::message::Message;
 use crate::topic;
-use ahash::AHashMap;
 use std::sync::Arc;
 
 /// Levels indexed by the trie (2 under test, so the property tests reach the `deep` lists).
@@ -24,10 +24,10 @@ const TRIE_LEVELS_MAX: usize = if cfg!(test) { 2 } else { 8 };
 struct Level {
     /// The topic ending here (the same allocation as the key of `RetainedStore::by_topic`).
     topic: Option<Arc<str>>,
-    children: AHashMap<Box<str>, Level>,
+    children: Map<Box<str>, Level>,
     /// At depth `TRIE_LEVELS_MAX` only: the topics with more levels under this prefix (a set:
     /// clearing one of many is O(1); boxed: one pointer in every other level).
-    deep: Option<Box<ahash::AHashSet<Arc<str>>>>,
+    deep: Option<Box<crate::hash::Set<Arc<str>>>>,
 }
 
 impl Level {
@@ -75,7 +75,7 @@ pub fn within_limits(
 
 #[derive(Default)]
 pub struct RetainedStore {
-    by_topic: AHashMap<Arc<str>, Arc<Message>>,
+    by_topic: Map<Arc<str>, Arc<Message>>,
     root: Level,
     /// Topic and payload bytes held, what `mqtt.max_retained_bytes` bounds.
     bytes: usize,

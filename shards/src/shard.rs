@@ -21,6 +21,7 @@ use crate::alias::{AliasUse, OutboundAliases};
 use crate::config::BrokerConfig;
 use crate::conn::write_queue;
 use crate::conn::{Conn, ConnSlab, ConnState};
+use crate::hash::Map;
 use crate::link::{Links, LINK_IOV_MAX};
 use crate::mesh::{Handoff, LinkAttach, MeshEndpoint, MeshMsg, SessionExport};
 use crate::message::Message;
@@ -35,7 +36,6 @@ use crate::timer::{TimerWheel, TICK_MS};
 use crate::topic;
 use crate::topic_index::TopicIndex;
 use crate::wire::{from_wire, to_wire};
-use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 use shardmq_net::cluster::{encode_publish_head, Frame};
 use shardmq_net::{
@@ -181,7 +181,7 @@ struct Lingering {
 
 /// Message ids a moved session has been given, until `until_ms`.
 struct SeenIds {
-    ids: ahash::AHashSet<u64>,
+    ids: crate::hash::Set<u64>,
     until_ms: u64,
 }
 
@@ -287,25 +287,25 @@ pub struct Shard {
     conns: ConnSlab,
     sessions: Vec<Option<SessionEntry>>,
     free_sessions: Vec<u32>,
-    by_client: AHashMap<Arc<str>, u32>,
+    by_client: Map<Arc<str>, u32>,
     routes: TopicIndex<Route>,
     retained: crate::retained::RetainedStore,
     /// Shared groups whose owner is this shard (key = the full `$share/g/f` filter).
-    groups: AHashMap<Arc<str>, Group>,
+    groups: Map<Arc<str>, Group>,
     /// Local members per shared group key.
-    share_local: AHashMap<Arc<str>, usize>,
+    share_local: Map<Arc<str>, usize>,
     /// Route replica of shared groups: real filter → groups with members somewhere.
     share_routes: TopicIndex<SmallVec<[ShareRoute; 1]>>,
     /// Turn counter for picking the node of a shared group with no local member.
     share_rr: u64,
     /// CONNECTs waiting for other nodes' sessions, by takeover token.
-    resuming: AHashMap<u64, Resuming>,
+    resuming: Map<u64, Resuming>,
     timers: TimerWheel<TimerToken>,
     /// SUBSCRIBE/UNSUBSCRIBE packets being worked through in slices (`shard/subscribe.rs`).
     sub_jobs: subscribe::SubJobs,
     /// Sessions moved here, waiting for their new routes to reach every shard before the
     /// exporting node is told to let go, by the token of their route updates.
-    pending_ends: AHashMap<u64, PendingEnd>,
+    pending_ends: Map<u64, PendingEnd>,
     next_token: u64,
     next_client_seq: u64,
     /// Upper half: random per shard and process; lower half: a counter. See `Message::id`.
@@ -324,7 +324,7 @@ pub struct Shard {
     /// Sockets closed with a reason, drained before they are closed (oldest first).
     lingering: std::collections::VecDeque<Lingering>,
     /// Persistent sessions on this shard per source address key (`origin_key`).
-    sessions_by_origin: AHashMap<u32, u32>,
+    sessions_by_origin: Map<u32, u32>,
     /// Now, on the node's clock (ms), as the driver last read it.
     now_ms: u64,
 }
@@ -350,17 +350,17 @@ impl Shard {
             conns: ConnSlab::default(),
             sessions: Vec::new(),
             free_sessions: Vec::new(),
-            by_client: AHashMap::default(),
+            by_client: Map::default(),
             routes: TopicIndex::default(),
             retained: Default::default(),
-            groups: AHashMap::default(),
-            share_local: AHashMap::default(),
+            groups: Map::default(),
+            share_local: Map::default(),
             share_routes: TopicIndex::default(),
             share_rr: 0,
-            resuming: AHashMap::default(),
+            resuming: Map::default(),
             timers: TimerWheel::new(0),
             sub_jobs: Default::default(),
-            pending_ends: AHashMap::default(),
+            pending_ends: Map::default(),
             // Tokens go to the cluster thread, which keys takeovers by them: unique per node,
             // not only per shard (two shards' CONNECTs with the same token had their session
             // imports swapped: one client was given another's session; found by the
@@ -376,7 +376,7 @@ impl Shard {
             accept_failures: 0,
             accept_logged_ms: None,
             lingering: std::collections::VecDeque::new(),
-            sessions_by_origin: AHashMap::default(),
+            sessions_by_origin: Map::default(),
             now_ms: 0,
         }
     }

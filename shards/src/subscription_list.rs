@@ -7,8 +7,8 @@
 //! lookup, an insert and a removal are O(1); smaller lists are scanned (no map to allocate
 //! for the common session with a few subscriptions, and the session stays small).
 
+use crate::hash::Map;
 use crate::session::Subscription;
-use ahash::AHashMap;
 use std::sync::Arc;
 
 /// Length from which a list keeps a hash index (below it, a scan is as fast).
@@ -20,7 +20,7 @@ pub struct SubscriptionList {
     list: Vec<Subscription>,
     /// Filter → index in `list`, with the same keys as `list` whenever present; present
     /// from `INDEX_FROM_LEN` subscriptions on (boxed: one pointer in every session).
-    index: Option<Box<AHashMap<Arc<str>, usize>>>,
+    index: Option<Box<Map<Arc<str>, usize>>>,
 }
 
 impl SubscriptionList {

@@ -5,7 +5,7 @@
 //! exact, so they cost one hash-map entry; only wildcard filters pay for trie nodes. A publish
 //! costs one hash lookup plus a trie walk that only follows `+`, `#` and the topic's own levels.
 
-use ahash::AHashMap;
+use crate::hash::Map;
 use smallvec::SmallVec;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ struct Node<V> {
     /// Filters continuing with `+`.
     plus: Option<Box<Node<V>>>,
     /// Filters continuing with a literal level.
-    children: AHashMap<Box<str>, Node<V>>,
+    children: Map<Box<str>, Node<V>>,
 }
 
 impl<V> Default for Node<V> {
@@ -28,7 +28,7 @@ impl<V> Default for Node<V> {
             value: None,
             hash: None,
             plus: None,
-            children: AHashMap::default(),
+            children: Map::default(),
         }
     }
 }
@@ -78,7 +78,7 @@ impl<V> Drop for Node<V> {
 pub struct TopicIndex<V> {
     /// Keyed by `Arc<str>` so the slice, the route replica and the sessions of every shard can
     /// share one allocation of a filter string.
-    exact: AHashMap<Arc<str>, V>,
+    exact: Map<Arc<str>, V>,
     root: Node<V>,
     wildcard_len: usize,
 }
@@ -86,7 +86,7 @@ pub struct TopicIndex<V> {
 impl<V> Default for TopicIndex<V> {
     fn default() -> Self {
         TopicIndex {
-            exact: AHashMap::default(),
+            exact: Map::default(),
             root: Node::default(),
             wildcard_len: 0,
         }

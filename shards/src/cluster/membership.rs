@@ -41,7 +41,7 @@ impl Cluster {
             last_dial_ms: None,
             uptime_s: 0,
             connections: 0,
-            routes: HashSet::new(),
+            routes: HashSet::default(),
             route_seq: 0,
             epoch: 0,
             down_since_ms: self.now_ms,

@@ -84,7 +84,7 @@ impl Cluster {
     pub(super) fn start_query(&mut self, kind: QueryKind, origin: QueryOrigin) {
         let token = self.next_query;
         self.next_query += 1;
-        let mut peers_left = HashSet::new();
+        let mut peers_left = HashSet::default();
         if matches!(origin, QueryOrigin::Local(_)) {
             for (p, link) in self.up_links() {
                 let kind = kind.wire();

@@ -71,7 +71,7 @@ pub(super) struct SubJob {
     /// Granted filters whose retained messages are due, each filter once.
     wants: Vec<RetainedWant>,
     /// Filter → position in `wants` (a repeated filter updates its entry).
-    want_at: AHashMap<Arc<str>, usize>,
+    want_at: Map<Arc<str>, usize>,
     /// Next entry of `wants` to look up.
     next_want: usize,
     /// Retained topics matched by the current entry, not delivered yet, with its options.
@@ -85,12 +85,12 @@ pub(super) struct SubJob {
 /// and how many jobs hold each connection's reading paused.
 #[derive(Default)]
 pub(super) struct SubJobs {
-    jobs: AHashMap<u64, SubJob>,
+    jobs: Map<u64, SubJob>,
     ready: VecDeque<u64>,
-    paused: AHashMap<u64, u32>,
+    paused: Map<u64, u32>,
     /// Held connections whose client closed its side meanwhile: what it sent before the EOF
     /// is handled after the jobs (a DISCONNECT among it keeps the will), then it closes.
-    eof: ahash::AHashSet<u64>,
+    eof: crate::hash::Set<u64>,
 }
 
 impl SubJobs {
@@ -175,7 +175,7 @@ impl Shard {
             sub_id: None,
             waiting: 0,
             wants: Vec::new(),
-            want_at: AHashMap::default(),
+            want_at: Map::default(),
             next_want: 0,
             topics: Vec::new(),
             current: None,
