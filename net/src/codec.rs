@@ -455,27 +455,18 @@ fn decode_body(first: u8, body: &[u8], protocol: Protocol) -> Result<Packet> {
                 let filter = r.string()?;
                 let o = r.u8()?;
                 let options = if v5 {
+                    // MQTT-3.8.3-5: the reserved bits 6-7 must be 0.
                     if o & 0xC0 != 0 {
                         return Err(DecodeError::Malformed("subscription options reserved bits"));
                     }
                     // v5 3.8.3.1: QoS 3, retain handling 3 and No Local on a shared
                     // subscription (MQTT-3.8.3-4) are protocol errors, not malformed packets.
-                    let no_local = o & 0x04 != 0;
-                    if no_local && filter.starts_with("$share/") {
+                    let options =
+                        SubscriptionOptions::from_byte(o).map_err(DecodeError::Protocol)?;
+                    if options.no_local && filter.starts_with("$share/") {
                         return Err(DecodeError::Protocol("No Local on a shared subscription"));
                     }
-                    SubscriptionOptions {
-                        qos: QoS::from_u8(o & 3)
-                            .ok_or(DecodeError::Protocol("subscription QoS 3"))?,
-                        no_local,
-                        retain_as_published: o & 0x08 != 0,
-                        retain_handling: match (o >> 4) & 3 {
-                            0 => RetainHandling::SendAtSubscribe,
-                            1 => RetainHandling::SendIfNew,
-                            2 => RetainHandling::DoNotSend,
-                            _ => return Err(DecodeError::Protocol("retain handling 3")),
-                        },
-                    }
+                    options
                 } else {
                     // MQTT-3.8.3-4: the upper 6 bits are reserved in 3.1.1.
                     if o & 0xFC != 0 {

@@ -223,13 +223,7 @@ pub fn encode(packet: &Packet, protocol: Protocol, out: &mut BytesMut) {
             }
             for (f, o) in &s.filters {
                 put_str(out, f);
-                let mut b = o.qos as u8;
-                if v5 {
-                    b |= (o.no_local as u8) << 2
-                        | (o.retain_as_published as u8) << 3
-                        | (o.retain_handling as u8) << 4;
-                }
-                out.put_u8(b);
+                out.put_u8(if v5 { o.to_byte() } else { o.qos as u8 });
             }
         }
         Packet::SubAck(s) => {

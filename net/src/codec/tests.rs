@@ -68,6 +68,30 @@ fn v5_subscribe(filter: &str, o: u8) -> Vec<u8> {
 }
 
 #[test]
+fn every_valid_subscription_options_byte_round_trips_and_the_others_are_refused() {
+    for b in 0u8..0x40 {
+        let valid = b & 3 != 3 && (b >> 4) & 3 != 3;
+        match SubscriptionOptions::from_byte(b) {
+            Ok(o) => {
+                assert!(valid, "{b:#04x} accepted");
+                assert_eq!(o.to_byte(), b);
+                // The codec reads and writes the same byte.
+                let Ok(Some((Packet::Subscribe(s), _))) =
+                    decode(&v5_subscribe("a", b), Protocol::V5, 1024)
+                else {
+                    panic!("{b:#04x} not decoded");
+                };
+                assert_eq!(s.filters[0].1, o);
+                let mut out = BytesMut::new();
+                encode(&Packet::Subscribe(s), Protocol::V5, &mut out);
+                assert_eq!(out.to_vec(), v5_subscribe("a", b));
+            }
+            Err(_) => assert!(!valid, "{b:#04x} refused"),
+        }
+    }
+}
+
+#[test]
 fn v5_subscription_options_errors_are_classed_as_the_spec_says() {
     let d = |b: Vec<u8>| decode(&b, Protocol::V5, 1024);
     // 3.8.3.1: QoS 3 and retain handling 3 are protocol errors ...
