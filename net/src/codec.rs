@@ -18,6 +18,9 @@ use crate::packet::*;
 use bytes::{BufMut, Bytes, BytesMut};
 
 mod encode;
+mod properties;
+
+use properties::{allowed, read_property, PropCtx};
 
 pub use encode::{
     decode_message_properties, encode, encode_message_properties, encode_publish_header,
@@ -211,47 +214,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Which packet a property block belongs to; decides which identifiers are allowed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PropCtx {
-    Connect,
-    Will,
-    ConnAck,
-    Publish,
-    Ack,
-    Subscribe,
-    SubAck,
-    Unsubscribe,
-    Disconnect,
-    Auth,
-}
-
-fn allowed(ctx: PropCtx, id: u8) -> bool {
-    use PropCtx::*;
-    let list: &[u8] = match ctx {
-        Connect => &[0x11, 0x21, 0x27, 0x22, 0x19, 0x17, 0x26, 0x15, 0x16],
-        Will => &[0x18, 0x01, 0x02, 0x03, 0x08, 0x09, 0x26],
-        ConnAck => &[
-            0x11, 0x21, 0x24, 0x25, 0x27, 0x12, 0x22, 0x1F, 0x26, 0x28, 0x29, 0x2A, 0x13, 0x1A,
-            0x1C, 0x15, 0x16,
-        ],
-        Publish => &[0x01, 0x02, 0x23, 0x08, 0x09, 0x26, 0x0B, 0x03],
-        Ack | SubAck => &[0x1F, 0x26],
-        Subscribe => &[0x0B, 0x26],
-        Unsubscribe => &[0x26],
-        Disconnect => &[0x11, 0x1F, 0x26, 0x1C],
-        Auth => &[0x15, 0x16, 0x1F, 0x26],
-    };
-    list.contains(&id)
-}
-
-fn flag01(v: u8) -> Result<u8> {
-    if v > 1 {
-        return Err(DecodeError::Protocol("property value must be 0 or 1"));
-    }
-    Ok(v)
-}
-
 fn read_properties(r: &mut Reader, ctx: PropCtx) -> Result<Properties> {
     let len = r.varint()? as usize;
     let block = r.take(len)?;
@@ -277,64 +239,7 @@ fn read_properties(r: &mut Reader, ctx: PropCtx) -> Result<Properties> {
             }
             seen |= 1 << id;
         }
-        match id {
-            0x01 => p.payload_format_indicator = Some(flag01(r.u8()?)?),
-            0x02 => p.message_expiry_interval = Some(r.u32()?),
-            0x03 => p.content_type = Some(r.string()?),
-            0x08 => p.response_topic = Some(r.string()?),
-            0x09 => p.correlation_data = Some(Bytes::copy_from_slice(r.binary()?)),
-            0x0B => {
-                let v = r.varint()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("subscription identifier 0"));
-                }
-                p.subscription_identifiers.push(v);
-            }
-            0x11 => p.session_expiry_interval = Some(r.u32()?),
-            0x12 => p.assigned_client_identifier = Some(r.string()?),
-            0x13 => p.server_keep_alive = Some(r.u16()?),
-            0x15 => p.authentication_method = Some(r.string()?),
-            0x16 => p.authentication_data = Some(Bytes::copy_from_slice(r.binary()?)),
-            0x17 => p.request_problem_information = Some(flag01(r.u8()?)?),
-            0x18 => p.will_delay_interval = Some(r.u32()?),
-            0x19 => p.request_response_information = Some(flag01(r.u8()?)?),
-            0x1A => p.response_information = Some(r.string()?),
-            0x1C => p.server_reference = Some(r.string()?),
-            0x1F => p.reason_string = Some(r.string()?),
-            0x21 => {
-                let v = r.u16()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("receive maximum 0"));
-                }
-                p.receive_maximum = Some(v);
-            }
-            0x22 => p.topic_alias_maximum = Some(r.u16()?),
-            0x23 => {
-                let v = r.u16()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("topic alias 0"));
-                }
-                p.topic_alias = Some(v);
-            }
-            0x24 => p.maximum_qos = Some(flag01(r.u8()?)?),
-            0x25 => p.retain_available = Some(flag01(r.u8()?)?),
-            0x26 => {
-                let k = r.string()?;
-                let v = r.string()?;
-                p.user_properties.push((k, v));
-            }
-            0x27 => {
-                let v = r.u32()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("maximum packet size 0"));
-                }
-                p.maximum_packet_size = Some(v);
-            }
-            0x28 => p.wildcard_subscription_available = Some(flag01(r.u8()?)?),
-            0x29 => p.subscription_identifier_available = Some(flag01(r.u8()?)?),
-            0x2A => p.shared_subscription_available = Some(flag01(r.u8()?)?),
-            _ => return Err(DecodeError::Malformed("unknown property identifier")),
-        }
+        read_property(&mut r, id, &mut p)?;
     }
     if ctx == PropCtx::Subscribe && p.subscription_identifiers.len() > 1 {
         return Err(DecodeError::Protocol(
