@@ -15,6 +15,7 @@
 //! ```
 
 use crate::packet::*;
+use crate::reader::ShortInput;
 use bytes::{BufMut, Bytes, BytesMut};
 
 mod encode;
@@ -122,46 +123,17 @@ pub fn decode(
     Ok(Some((packet, total)))
 }
 
-/// Cursor over a packet body; every read is bounds-checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+impl ShortInput for DecodeError {
+    fn short_input() -> Self {
+        DecodeError::Malformed("packet body shorter than its fields")
+    }
 }
 
+/// Cursor over a packet body; every read is bounds-checked.
+type Reader<'a> = crate::reader::Reader<'a, DecodeError>;
+
+/// The MQTT data types (section 1.5) on top of the shared cursor.
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.remaining() < n {
-            return Err(DecodeError::Malformed(
-                "packet body shorter than its fields",
-            ));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
     fn varint(&mut self) -> Result<u32> {
         let mut value: u32 = 0;
         for i in 0..4 {
@@ -189,12 +161,6 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::InvalidUtf8);
         }
         Ok(s.to_string())
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        let s = &self.buf[self.pos..];
-        self.pos = self.buf.len();
-        s
     }
 
     fn packet_id(&mut self) -> Result<u16> {
