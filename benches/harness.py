@@ -28,18 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# One port rule for the interop suite and the harness (tests/interop/ports.py).
+sys.path.insert(0, str(ROOT / "tests" / "interop"))
+from ports import free_port  # noqa: E402
 BROKER_CORE = "0"
 GEN_CORES = "1" if os.cpu_count() == 2 else f"1-{os.cpu_count() - 1}"
 GEN_THREADS = max(1, (os.cpu_count() or 2) - 1)
 # rumqttd built from crates.io (`cargo install rumqttd --root DIR`); run when present.
 RUMQTTD = os.environ.get("RUMQTTD_BIN", shutil.which("rumqttd") or "")
 OTHERS = ["mosquitto"] + (["rumqttd"] if RUMQTTD and Path(RUMQTTD).exists() else [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:

@@ -15,9 +15,13 @@
 //! ```
 
 use crate::packet::*;
+use crate::reader::ShortInput;
 use bytes::{BufMut, Bytes, BytesMut};
 
 mod encode;
+mod properties;
+
+use properties::{allowed, read_property, PropCtx};
 
 pub use encode::{
     decode_message_properties, encode, encode_message_properties, encode_publish_header,
@@ -119,46 +123,17 @@ pub fn decode(
     Ok(Some((packet, total)))
 }
 
-/// Cursor over a packet body; every read is bounds-checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+impl ShortInput for DecodeError {
+    fn short_input() -> Self {
+        DecodeError::Malformed("packet body shorter than its fields")
+    }
 }
 
+/// Cursor over a packet body; every read is bounds-checked.
+type Reader<'a> = crate::reader::Reader<'a, DecodeError>;
+
+/// The MQTT data types (section 1.5) on top of the shared cursor.
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.remaining() < n {
-            return Err(DecodeError::Malformed(
-                "packet body shorter than its fields",
-            ));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
     fn varint(&mut self) -> Result<u32> {
         let mut value: u32 = 0;
         for i in 0..4 {
@@ -188,12 +163,6 @@ impl<'a> Reader<'a> {
         Ok(s.to_string())
     }
 
-    fn rest(&mut self) -> &'a [u8] {
-        let s = &self.buf[self.pos..];
-        self.pos = self.buf.len();
-        s
-    }
-
     fn packet_id(&mut self) -> Result<u16> {
         let id = self.u16()?;
         if id == 0 {
@@ -209,47 +178,6 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
-}
-
-/// Which packet a property block belongs to; decides which identifiers are allowed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PropCtx {
-    Connect,
-    Will,
-    ConnAck,
-    Publish,
-    Ack,
-    Subscribe,
-    SubAck,
-    Unsubscribe,
-    Disconnect,
-    Auth,
-}
-
-fn allowed(ctx: PropCtx, id: u8) -> bool {
-    use PropCtx::*;
-    let list: &[u8] = match ctx {
-        Connect => &[0x11, 0x21, 0x27, 0x22, 0x19, 0x17, 0x26, 0x15, 0x16],
-        Will => &[0x18, 0x01, 0x02, 0x03, 0x08, 0x09, 0x26],
-        ConnAck => &[
-            0x11, 0x21, 0x24, 0x25, 0x27, 0x12, 0x22, 0x1F, 0x26, 0x28, 0x29, 0x2A, 0x13, 0x1A,
-            0x1C, 0x15, 0x16,
-        ],
-        Publish => &[0x01, 0x02, 0x23, 0x08, 0x09, 0x26, 0x0B, 0x03],
-        Ack | SubAck => &[0x1F, 0x26],
-        Subscribe => &[0x0B, 0x26],
-        Unsubscribe => &[0x26],
-        Disconnect => &[0x11, 0x1F, 0x26, 0x1C],
-        Auth => &[0x15, 0x16, 0x1F, 0x26],
-    };
-    list.contains(&id)
-}
-
-fn flag01(v: u8) -> Result<u8> {
-    if v > 1 {
-        return Err(DecodeError::Protocol("property value must be 0 or 1"));
-    }
-    Ok(v)
 }
 
 fn read_properties(r: &mut Reader, ctx: PropCtx) -> Result<Properties> {
@@ -277,64 +205,7 @@ fn read_properties(r: &mut Reader, ctx: PropCtx) -> Result<Properties> {
             }
             seen |= 1 << id;
         }
-        match id {
-            0x01 => p.payload_format_indicator = Some(flag01(r.u8()?)?),
-            0x02 => p.message_expiry_interval = Some(r.u32()?),
-            0x03 => p.content_type = Some(r.string()?),
-            0x08 => p.response_topic = Some(r.string()?),
-            0x09 => p.correlation_data = Some(Bytes::copy_from_slice(r.binary()?)),
-            0x0B => {
-                let v = r.varint()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("subscription identifier 0"));
-                }
-                p.subscription_identifiers.push(v);
-            }
-            0x11 => p.session_expiry_interval = Some(r.u32()?),
-            0x12 => p.assigned_client_identifier = Some(r.string()?),
-            0x13 => p.server_keep_alive = Some(r.u16()?),
-            0x15 => p.authentication_method = Some(r.string()?),
-            0x16 => p.authentication_data = Some(Bytes::copy_from_slice(r.binary()?)),
-            0x17 => p.request_problem_information = Some(flag01(r.u8()?)?),
-            0x18 => p.will_delay_interval = Some(r.u32()?),
-            0x19 => p.request_response_information = Some(flag01(r.u8()?)?),
-            0x1A => p.response_information = Some(r.string()?),
-            0x1C => p.server_reference = Some(r.string()?),
-            0x1F => p.reason_string = Some(r.string()?),
-            0x21 => {
-                let v = r.u16()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("receive maximum 0"));
-                }
-                p.receive_maximum = Some(v);
-            }
-            0x22 => p.topic_alias_maximum = Some(r.u16()?),
-            0x23 => {
-                let v = r.u16()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("topic alias 0"));
-                }
-                p.topic_alias = Some(v);
-            }
-            0x24 => p.maximum_qos = Some(flag01(r.u8()?)?),
-            0x25 => p.retain_available = Some(flag01(r.u8()?)?),
-            0x26 => {
-                let k = r.string()?;
-                let v = r.string()?;
-                p.user_properties.push((k, v));
-            }
-            0x27 => {
-                let v = r.u32()?;
-                if v == 0 {
-                    return Err(DecodeError::Protocol("maximum packet size 0"));
-                }
-                p.maximum_packet_size = Some(v);
-            }
-            0x28 => p.wildcard_subscription_available = Some(flag01(r.u8()?)?),
-            0x29 => p.subscription_identifier_available = Some(flag01(r.u8()?)?),
-            0x2A => p.shared_subscription_available = Some(flag01(r.u8()?)?),
-            _ => return Err(DecodeError::Malformed("unknown property identifier")),
-        }
+        read_property(&mut r, id, &mut p)?;
     }
     if ctx == PropCtx::Subscribe && p.subscription_identifiers.len() > 1 {
         return Err(DecodeError::Protocol(
@@ -455,27 +326,18 @@ fn decode_body(first: u8, body: &[u8], protocol: Protocol) -> Result<Packet> {
                 let filter = r.string()?;
                 let o = r.u8()?;
                 let options = if v5 {
+                    // MQTT-3.8.3-5: the reserved bits 6-7 must be 0.
                     if o & 0xC0 != 0 {
                         return Err(DecodeError::Malformed("subscription options reserved bits"));
                     }
                     // v5 3.8.3.1: QoS 3, retain handling 3 and No Local on a shared
                     // subscription (MQTT-3.8.3-4) are protocol errors, not malformed packets.
-                    let no_local = o & 0x04 != 0;
-                    if no_local && filter.starts_with("$share/") {
+                    let options =
+                        SubscriptionOptions::from_byte(o).map_err(DecodeError::Protocol)?;
+                    if options.no_local && filter.starts_with("$share/") {
                         return Err(DecodeError::Protocol("No Local on a shared subscription"));
                     }
-                    SubscriptionOptions {
-                        qos: QoS::from_u8(o & 3)
-                            .ok_or(DecodeError::Protocol("subscription QoS 3"))?,
-                        no_local,
-                        retain_as_published: o & 0x08 != 0,
-                        retain_handling: match (o >> 4) & 3 {
-                            0 => RetainHandling::SendAtSubscribe,
-                            1 => RetainHandling::SendIfNew,
-                            2 => RetainHandling::DoNotSend,
-                            _ => return Err(DecodeError::Protocol("retain handling 3")),
-                        },
-                    }
+                    options
                 } else {
                     // MQTT-3.8.3-4: the upper 6 bits are reserved in 3.1.1.
                     if o & 0xFC != 0 {

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod codec;
 pub mod packet;
+mod reader;
 
 pub use codec::{
     decode, encode, encode_publish_header, encode_publish_header_parts, frame_len, DecodeError,

@@ -329,6 +329,34 @@ pub struct SubscriptionOptions {
     pub retain_handling: RetainHandling,
 }
 
+impl SubscriptionOptions {
+    /// The v5 options byte (3.8.3.1): QoS in bits 0-1, No Local bit 2, Retain As Published
+    /// bit 3, Retain Handling bits 4-5, bits 6-7 reserved (0).
+    pub fn to_byte(self) -> u8 {
+        self.qos as u8
+            | (self.no_local as u8) << 2
+            | (self.retain_as_published as u8) << 3
+            | (self.retain_handling as u8) << 4
+    }
+
+    /// Reads a v5 options byte. QoS 3 and Retain Handling 3 are refused (the reason says
+    /// which; both are protocol errors on the wire). The reserved bits 6-7 are ignored here:
+    /// the codec refuses them before calling this (MQTT-3.8.3-5).
+    pub fn from_byte(b: u8) -> Result<SubscriptionOptions, &'static str> {
+        Ok(SubscriptionOptions {
+            qos: QoS::from_u8(b & 3).ok_or("subscription QoS 3")?,
+            no_local: b & 0x04 != 0,
+            retain_as_published: b & 0x08 != 0,
+            retain_handling: match (b >> 4) & 3 {
+                0 => RetainHandling::SendAtSubscribe,
+                1 => RetainHandling::SendIfNew,
+                2 => RetainHandling::DoNotSend,
+                _ => return Err("retain handling 3"),
+            },
+        })
+    }
+}
+
 /// SUBSCRIBE (section 3.8); at least one filter (MQTT-3.8.3-3).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Subscribe {

@@ -75,15 +75,19 @@ pub struct ClusterControl {
     pub enabled: AtomicBool,
 }
 
-/// Stable hash of a client id choosing its home shard (FNV-1a: identical on every thread and
-/// every run, unlike a seeded hasher).
+/// FNV-1a, 64 bits: a stable hash, identical on every thread, node and run (unlike a seeded
+/// hasher), so anything placed by it (home shards, hashed shared-subscription picks) stays put.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET_BASIS, |h, &b| (h ^ b as u64).wrapping_mul(PRIME))
+}
+
+/// The home shard of a client id: [`fnv1a`] of its bytes modulo the shard count.
 pub fn home_shard(client_id: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in client_id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    (h % shards as u64) as usize
+    (fnv1a(client_id.as_bytes()) % shards as u64) as usize
 }
 
 #[cfg(test)]
@@ -98,6 +102,23 @@ mod tests {
             counts[home_shard(&format!("c{i}"), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn home_shards_do_not_move_between_versions() {
+        // Pinned values (FNV-1a 64): a change here moves every client's home shard.
+        assert_eq!(home_shard("", 8), 5);
+        assert_eq!(home_shard("a", 8), 4);
+        assert_eq!(home_shard("client-1", 8), 0);
+        assert_eq!(home_shard("sensor/42/temp", 8), 5);
+        assert_eq!(home_shard("sensor/42/temp", 3), 0);
+        assert_eq!(home_shard("a", 3), 1);
     }
 
     #[test]

@@ -533,27 +533,6 @@ fn reason_text(r: ReasonCode) -> &'static str {
     }
 }
 
-/// The v5 subscription options byte (MQTT 3.8.3.1), used to move subscriptions between nodes.
-fn options_to_byte(o: SubscriptionOptions) -> u8 {
-    o.qos as u8
-        | (o.no_local as u8) << 2
-        | (o.retain_as_published as u8) << 3
-        | (o.retain_handling as u8) << 4
-}
-
-fn options_from_byte(b: u8) -> SubscriptionOptions {
-    SubscriptionOptions {
-        qos: QoS::from_u8(b & 3).unwrap_or(QoS::AtMostOnce),
-        no_local: b & 0x04 != 0,
-        retain_as_published: b & 0x08 != 0,
-        retain_handling: match (b >> 4) & 3 {
-            1 => RetainHandling::SendIfNew,
-            2 => RetainHandling::DoNotSend,
-            _ => RetainHandling::SendAtSubscribe,
-        },
-    }
-}
-
 /// Closes a socket now; the shutdown first ends any receive the driver still has on it (the
 /// ring holds the file until that completes).
 fn close_now(io: &mut dyn ShardIo, sock: Sock) {

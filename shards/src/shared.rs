@@ -4,6 +4,7 @@
 //! messages.
 
 use crate::message::Message;
+use crate::node_shared::fnv1a;
 use std::sync::Arc;
 
 /// How a group picks the member for a message (`mqtt.shared_subscription_strategy`).
@@ -93,15 +94,6 @@ impl Default for Group {
     }
 }
 
-fn hash(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
 impl Group {
     /// Adds a member (idempotent).
     pub fn join(&mut self, m: Member) {
@@ -142,8 +134,8 @@ impl Group {
                 self.rng ^= self.rng << 17;
                 (self.rng % n as u64) as usize
             }
-            Strategy::HashClientId => (hash(&msg.publisher) % n as u64) as usize,
-            Strategy::HashTopic => (hash(&msg.topic) % n as u64) as usize,
+            Strategy::HashClientId => (fnv1a(msg.publisher.as_bytes()) % n as u64) as usize,
+            Strategy::HashTopic => (fnv1a(msg.topic.as_bytes()) % n as u64) as usize,
             Strategy::Sticky => self.sticky.filter(|&i| i < n).unwrap_or(0),
         };
         let idx = (0..n)
@@ -247,6 +239,23 @@ mod tests {
                 Some(s.clone())
             );
         }
+    }
+
+    #[test]
+    fn hash_picks_do_not_move_between_versions() {
+        // Pinned values (FNV-1a 64 of the topic or publisher, modulo the member count).
+        let mut g = group(4);
+        let pick = |g: &mut Group, s, m: &Message| g.pick(s, m, &[]).unwrap().session;
+        assert_eq!(
+            pick(&mut g, Strategy::HashTopic, &msg("sensor/42/temp", "p")),
+            1
+        );
+        assert_eq!(pick(&mut g, Strategy::HashTopic, &msg("a", "p")), 0);
+        assert_eq!(pick(&mut g, Strategy::HashClientId, &msg("t", "pub-7")), 0);
+        assert_eq!(pick(&mut g, Strategy::HashClientId, &msg("t", "")), 1);
+        let mut g = group(3);
+        assert_eq!(pick(&mut g, Strategy::HashTopic, &msg("a", "p")), 1);
+        assert_eq!(pick(&mut g, Strategy::HashClientId, &msg("t", "")), 2);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import secrets
 import shutil
@@ -13,6 +12,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ports import free_port  # noqa: F401 (the tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30
@@ -37,32 +38,6 @@ class Broker:
             return "(no log)"
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:]) or "(empty)"
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port for a broker to listen on, below the kernel's ephemeral range: a port the kernel
-    picked (bind to 0) can be taken by an outgoing connection, e.g. a cluster link, before the
-    broker binds it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(10000, max(low, 10001))
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def mqtt_probe(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -3,6 +3,7 @@
 //! is checked before it is used and nothing recurses.
 
 use super::*;
+use crate::reader::{Reader, ShortInput};
 
 /// Why a peer's bytes were refused; the link is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,41 +14,17 @@ pub enum FrameError {
     Malformed(&'static str),
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+impl ShortInput for FrameError {
+    fn short_input() -> Self {
+        FrameError::Malformed("frame shorter than its fields")
+    }
 }
 
+/// Cursor over a frame body; every read is bounds-checked.
+type Cursor<'a> = Reader<'a, FrameError>;
+
+/// The cluster's field types on top of the shared cursor.
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        if self.buf.len() - self.pos < n {
-            return Err(FrameError::Malformed("frame shorter than its fields"));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        Ok(u16::from_be_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
-    }
     fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
         let n = self.u32()? as usize;
         self.take(n)
@@ -60,7 +37,7 @@ impl<'a> Cursor<'a> {
     /// so a forged count cannot make us reserve memory.
     fn count(&mut self, min_item: usize) -> Result<usize, FrameError> {
         let n = self.u32()? as usize;
-        if n.saturating_mul(min_item) > self.buf.len() - self.pos {
+        if n.saturating_mul(min_item) > self.remaining() {
             return Err(FrameError::Malformed("item count larger than the frame"));
         }
         Ok(n)
@@ -91,7 +68,7 @@ impl<'a> Cursor<'a> {
 }
 
 fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
-    let mut c = Cursor { buf: body, pos: 0 };
+    let mut c = Cursor::new(body);
     let f = match kind {
         1 => {
             let (version, node, cluster_addr) = (c.u32()?, c.string()?, c.string()?);
@@ -232,7 +209,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
         }
         _ => return Err(FrameError::Malformed("unknown frame type")),
     };
-    if c.pos != body.len() {
+    if c.remaining() != 0 {
         return Err(FrameError::Malformed("bytes left after the last field"));
     }
     Ok(f)

@@ -44,107 +44,52 @@ fn str_len(s: &str) -> usize {
     2 + s.len()
 }
 
-/// Bytes of the property block content (without its length prefix).
+impl properties::Value<'_> {
+    /// Bytes of the value on the wire (without the identifier).
+    fn len(&self) -> usize {
+        use properties::Value::*;
+        match *self {
+            Byte(_) => 1,
+            TwoByte(_) => 2,
+            FourByte(_) => 4,
+            Varint(v) => varint_len(v as usize),
+            Utf8(s) => str_len(s),
+            Binary(d) => 2 + d.len(),
+            Pair(k, v) => str_len(k) + str_len(v),
+        }
+    }
+
+    fn put(&self, out: &mut BytesMut) {
+        use properties::Value::*;
+        match *self {
+            Byte(v) => out.put_u8(v),
+            TwoByte(v) => out.put_u16(v),
+            FourByte(v) => out.put_u32(v),
+            Varint(v) => put_varint(out, v as usize),
+            Utf8(s) => put_str(out, s),
+            Binary(d) => put_bin(out, d),
+            Pair(k, v) => {
+                put_str(out, k);
+                put_str(out, v);
+            }
+        }
+    }
+}
+
+/// Bytes of the property block content (without its length prefix). Every identifier in
+/// the table is below 0x80, so it takes one byte.
 fn props_len(p: &Properties) -> usize {
     let mut n = 0;
-    let b = |v: &Option<u8>| v.map_or(0, |_| 2);
-    let h = |v: &Option<u16>| v.map_or(0, |_| 3);
-    let w = |v: &Option<u32>| v.map_or(0, |_| 5);
-    let s = |v: &Option<String>| v.as_ref().map_or(0, |s| 1 + str_len(s));
-    let d = |v: &Option<Bytes>| v.as_ref().map_or(0, |d| 3 + d.len());
-    n += b(&p.payload_format_indicator) + w(&p.message_expiry_interval) + s(&p.content_type);
-    n += s(&p.response_topic) + d(&p.correlation_data);
-    n += p
-        .subscription_identifiers
-        .iter()
-        .map(|&v| 1 + varint_len(v as usize))
-        .sum::<usize>();
-    n += w(&p.session_expiry_interval) + s(&p.assigned_client_identifier) + h(&p.server_keep_alive);
-    n +=
-        s(&p.authentication_method) + d(&p.authentication_data) + b(&p.request_problem_information);
-    n +=
-        w(&p.will_delay_interval) + b(&p.request_response_information) + s(&p.response_information);
-    n += s(&p.server_reference) + s(&p.reason_string) + h(&p.receive_maximum);
-    n += h(&p.topic_alias_maximum) + h(&p.topic_alias) + b(&p.maximum_qos) + b(&p.retain_available);
-    n += p
-        .user_properties
-        .iter()
-        .map(|(k, v)| 1 + str_len(k) + str_len(v))
-        .sum::<usize>();
-    n += w(&p.maximum_packet_size) + b(&p.wildcard_subscription_available);
-    n += b(&p.subscription_identifier_available) + b(&p.shared_subscription_available);
+    properties::for_each_property(p, |_, v| n += 1 + v.len());
     n
 }
 
 fn put_props(out: &mut BytesMut, p: &Properties) {
     put_varint(out, props_len(p));
-    let b = |out: &mut BytesMut, id: u8, v: Option<u8>| {
-        if let Some(v) = v {
-            out.put_u8(id);
-            out.put_u8(v);
-        }
-    };
-    b(out, 0x01, p.payload_format_indicator);
-    if let Some(v) = p.message_expiry_interval {
-        out.put_u8(0x02);
-        out.put_u32(v);
-    }
-    let s = |out: &mut BytesMut, id: u8, v: &Option<String>| {
-        if let Some(v) = v {
-            out.put_u8(id);
-            put_str(out, v);
-        }
-    };
-    let h = |out: &mut BytesMut, id: u8, v: Option<u16>| {
-        if let Some(v) = v {
-            out.put_u8(id);
-            out.put_u16(v);
-        }
-    };
-    let w = |out: &mut BytesMut, id: u8, v: Option<u32>| {
-        if let Some(v) = v {
-            out.put_u8(id);
-            out.put_u32(v);
-        }
-    };
-    s(out, 0x03, &p.content_type);
-    s(out, 0x08, &p.response_topic);
-    if let Some(d) = &p.correlation_data {
-        out.put_u8(0x09);
-        put_bin(out, d);
-    }
-    for &id in &p.subscription_identifiers {
-        out.put_u8(0x0B);
-        put_varint(out, id as usize);
-    }
-    w(out, 0x11, p.session_expiry_interval);
-    s(out, 0x12, &p.assigned_client_identifier);
-    h(out, 0x13, p.server_keep_alive);
-    s(out, 0x15, &p.authentication_method);
-    if let Some(d) = &p.authentication_data {
-        out.put_u8(0x16);
-        put_bin(out, d);
-    }
-    b(out, 0x17, p.request_problem_information);
-    w(out, 0x18, p.will_delay_interval);
-    b(out, 0x19, p.request_response_information);
-    s(out, 0x1A, &p.response_information);
-    s(out, 0x1C, &p.server_reference);
-    s(out, 0x1F, &p.reason_string);
-    h(out, 0x21, p.receive_maximum);
-    h(out, 0x22, p.topic_alias_maximum);
-    h(out, 0x23, p.topic_alias);
-    b(out, 0x24, p.maximum_qos);
-    b(out, 0x25, p.retain_available);
-    for (k, v) in &p.user_properties {
-        out.put_u8(0x26);
-        put_str(out, k);
-        put_str(out, v);
-    }
-    w(out, 0x27, p.maximum_packet_size);
-    b(out, 0x28, p.wildcard_subscription_available);
-    b(out, 0x29, p.subscription_identifier_available);
-    b(out, 0x2A, p.shared_subscription_available);
+    properties::for_each_property(p, |id, v| {
+        out.put_u8(id);
+        v.put(out);
+    });
 }
 
 /// Length of a property block including its length prefix.
@@ -223,13 +168,7 @@ pub fn encode(packet: &Packet, protocol: Protocol, out: &mut BytesMut) {
             }
             for (f, o) in &s.filters {
                 put_str(out, f);
-                let mut b = o.qos as u8;
-                if v5 {
-                    b |= (o.no_local as u8) << 2
-                        | (o.retain_as_published as u8) << 3
-                        | (o.retain_handling as u8) << 4;
-                }
-                out.put_u8(b);
+                out.put_u8(if v5 { o.to_byte() } else { o.qos as u8 });
             }
         }
         Packet::SubAck(s) => {

@@ -68,6 +68,30 @@ fn v5_subscribe(filter: &str, o: u8) -> Vec<u8> {
 }
 
 #[test]
+fn every_valid_subscription_options_byte_round_trips_and_the_others_are_refused() {
+    for b in 0u8..0x40 {
+        let valid = b & 3 != 3 && (b >> 4) & 3 != 3;
+        match SubscriptionOptions::from_byte(b) {
+            Ok(o) => {
+                assert!(valid, "{b:#04x} accepted");
+                assert_eq!(o.to_byte(), b);
+                // The codec reads and writes the same byte.
+                let Ok(Some((Packet::Subscribe(s), _))) =
+                    decode(&v5_subscribe("a", b), Protocol::V5, 1024)
+                else {
+                    panic!("{b:#04x} not decoded");
+                };
+                assert_eq!(s.filters[0].1, o);
+                let mut out = BytesMut::new();
+                encode(&Packet::Subscribe(s), Protocol::V5, &mut out);
+                assert_eq!(out.to_vec(), v5_subscribe("a", b));
+            }
+            Err(_) => assert!(!valid, "{b:#04x} refused"),
+        }
+    }
+}
+
+#[test]
 fn v5_subscription_options_errors_are_classed_as_the_spec_says() {
     let d = |b: Vec<u8>| decode(&b, Protocol::V5, 1024);
     // 3.8.3.1: QoS 3 and retain handling 3 are protocol errors ...
@@ -298,4 +322,76 @@ fn publish_header_plus_payload_equals_full_encoding() {
     assert_eq!(n, head.len());
     head.extend_from_slice(&p.payload);
     assert_eq!(head, full);
+}
+
+/// Every property set once (subscription ids and user properties twice).
+fn every_property() -> Properties {
+    Properties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(0x0102_0304),
+        content_type: Some("ct".into()),
+        response_topic: Some("rt".into()),
+        correlation_data: Some(Bytes::from_static(b"cd")),
+        subscription_identifiers: vec![1, 200],
+        session_expiry_interval: Some(5),
+        assigned_client_identifier: Some("id".into()),
+        server_keep_alive: Some(6),
+        authentication_method: Some("am".into()),
+        authentication_data: Some(Bytes::from_static(b"ad")),
+        request_problem_information: Some(0),
+        will_delay_interval: Some(7),
+        request_response_information: Some(1),
+        response_information: Some("ri".into()),
+        server_reference: Some("sr".into()),
+        reason_string: Some("rs".into()),
+        receive_maximum: Some(8),
+        topic_alias_maximum: Some(9),
+        topic_alias: Some(10),
+        maximum_qos: Some(1),
+        retain_available: Some(0),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        maximum_packet_size: Some(11),
+        wildcard_subscription_available: Some(1),
+        subscription_identifier_available: Some(0),
+        shared_subscription_available: Some(1),
+    }
+}
+
+#[test]
+fn property_block_bytes_do_not_change_and_connack_properties_round_trip() {
+    let mut out = BytesMut::new();
+    encode_message_properties(&every_property(), &mut out);
+    let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+    // Pinned from the encoder before the property table: identifiers in ascending order.
+    assert_eq!(
+        hex,
+        "70010102010203040300026374080002727409000263640b010bc801110000000512000269641300061500\
+         02616d16000261641700180000000719011a000272691c000273721f0002727321000822000923000a2401\
+         25002600016b0001762600016b000177270000000b280129002a01"
+    );
+    // The decoder reads back every property a CONNACK may carry.
+    let mut out = BytesMut::new();
+    let mut p = every_property();
+    p.subscription_identifiers.clear();
+    p.payload_format_indicator = None;
+    p.request_problem_information = None;
+    p.request_response_information = None;
+    p.message_expiry_interval = None;
+    p.will_delay_interval = None;
+    p.topic_alias = None;
+    p.content_type = None;
+    p.response_topic = None;
+    p.correlation_data = None;
+    encode(
+        &Packet::ConnAck(ConnAck {
+            properties: p.clone(),
+            ..Default::default()
+        }),
+        Protocol::V5,
+        &mut out,
+    );
+    let Ok(Some((Packet::ConnAck(c), _))) = decode(&out, Protocol::V5, u32::MAX) else {
+        panic!("CONNACK with every CONNACK property not decoded");
+    };
+    assert_eq!(c.properties, p);
 }

@@ -187,7 +187,8 @@ impl Shard {
             self.next_token += 1;
             let mut new_routes = 0;
             for (filter, options, id) in e.subscriptions {
-                let options = options_from_byte(options);
+                // From a peer: a byte our encoder never writes falls back to the defaults.
+                let options = SubscriptionOptions::from_byte(options).unwrap_or_default();
                 let id = NonZeroU32::new(id);
                 if shared::is_shared(&filter) {
                     let s = &mut self.session_mut(sidx).session;
@@ -328,7 +329,7 @@ impl Shard {
                         .map(|s| {
                             (
                                 s.filter.clone(),
-                                options_to_byte(s.options),
+                                s.options.to_byte(),
                                 s.id.map_or(0, NonZeroU32::get),
                             )
                         })
