@@ -29,6 +29,7 @@ fn nodes_that_dial_each_other_at_once_stay_connected() {
         let shape = Shape {
             link_faults: false,
             roam: false,
+            crashes: false,
             ..Shape::default()
         };
         let out = World::new(seed, shape).run();
@@ -54,6 +55,7 @@ fn two_shards_resuming_at_once_each_get_their_own_session() {
         link_faults: false,
         roam_gap_ms: 3_000,
         check_order: false,
+        crashes: false,
         ..Shape::default()
     };
     let out = World::new(7, shape).run();
@@ -72,6 +74,7 @@ fn a_session_moved_again_before_its_move_ended_keeps_its_messages() {
         let shape = Shape {
             roam_gap_ms: 0,
             check_order: false,
+            crashes: false,
             ..Shape::default()
         };
         let out = World::new(seed, shape).run();
@@ -94,6 +97,7 @@ fn a_qos2_publish_resent_after_its_session_moved_is_routed_once() {
         link_faults: false,
         roam_gap_ms: 3_000,
         check_order: false,
+        crashes: false,
         ..Shape::default()
     };
     let out = World::new(1, shape).run();
@@ -128,6 +132,13 @@ fn run_seed(seed: u64, shape: &Shape) -> (usize, usize) {
             trace.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
         );
     }
+    if std::env::var_os("SHARDMQ_SIM_SEED").is_some() {
+        let crashes = out.trace.iter().filter(|l| l.contains("crashed")).count();
+        eprintln!(
+            "seed {seed}: {} faults ({crashes} crashes), {} moves to another node",
+            out.faults, out.moves
+        );
+    }
     (out.published, out.delivered)
 }
 
@@ -137,16 +148,19 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// The shape of run `seed`: from `SHARDMQ_SIM_FAULTS`, `_ROAM`, `_GAP` and `_ORDER` when
 /// any is set, else alternating between two that must hold:
+/// Both have node crashes and restarts.
 /// - even seeds, *steady*: link resets and partitions; clients drop, are taken over and
 ///   come back on the node they left; every check, per-publisher order included;
 /// - odd seeds, *roaming*: the same faults, and clients come back on any node, at most once
 ///   per 3 s each; order is not checked (a moved session can get its old node's tail after
 ///   newer messages: open in issue 10).
 fn shape_for(seed: u64) -> Shape {
-    let vars = ["FAULTS", "ROAM", "GAP", "ORDER"].map(|v| env_u64(&format!("SHARDMQ_SIM_{v}")));
+    let vars =
+        ["FAULTS", "ROAM", "GAP", "ORDER", "CRASH"].map(|v| env_u64(&format!("SHARDMQ_SIM_{v}")));
     if vars.iter().any(Option::is_some) {
-        let [faults, roam, gap, order] = vars;
+        let [faults, roam, gap, order, crash] = vars;
         return Shape {
+            crashes: crash.unwrap_or(1) != 0,
             link_faults: faults.unwrap_or(1) != 0,
             roam: roam.unwrap_or(1) != 0,
             roam_gap_ms: gap.unwrap_or(3_000),

@@ -50,6 +50,8 @@ pub struct Shape {
     pub roam: bool,
     /// Check each publisher's order at each subscriber.
     pub check_order: bool,
+    /// Nodes crash (losing everything but their member file) and restart.
+    pub crashes: bool,
 }
 
 impl Default for Shape {
@@ -63,6 +65,7 @@ impl Default for Shape {
             roam_gap_ms: 0,
             roam: true,
             check_order: true,
+            crashes: true,
         }
     }
 }
@@ -73,7 +76,10 @@ struct SimNode {
     control: Arc<ClusterControl>,
     shards: Vec<SimShard>,
     cluster: Cluster,
-    _members: Rc<RefCell<Option<String>>>,
+    /// The member file, which outlives a crash.
+    members: Rc<RefCell<Option<String>>>,
+    /// Down since a crash, until it restarts at this time.
+    down_until: Option<u64>,
 }
 
 /// A partition in force: hosts, one-way, when it heals, its ledger entry.
@@ -93,9 +99,14 @@ pub struct Outcome {
     pub delivered: usize,
     /// Times a node lost sight of a peer while no fault was near (a healthy cluster: 0).
     pub flaps: usize,
+    /// Faults injected (link resets, partitions, crashes) and session moves begun.
+    pub faults: usize,
+    pub moves: usize,
 }
 
 pub struct World {
+    /// Every node's cluster address (the static seeds).
+    seeds: Vec<String>,
     shape: Shape,
     rng: Rng,
     clock: Clock,
@@ -112,6 +123,7 @@ pub struct World {
     /// Peers each node saw up at the last look.
     peers_seen: Vec<usize>,
     flaps: usize,
+    moves: usize,
     next_bounds_check: u64,
     ledger: Ledger,
     trace: Vec<String>,
@@ -132,7 +144,10 @@ impl World {
             .collect();
         let mut nodes = Vec::new();
         for i in 0..shape.nodes {
-            nodes.push(build_node(i, &shape, &seeds, &net, &clock, &mut rng));
+            let members = Rc::new(RefCell::new(None));
+            nodes.push(build_node(
+                i, &shape, &seeds, &net, &clock, &mut rng, members,
+            ));
         }
         let mut clients = Vec::new();
         for i in 0..shape.subscribers + shape.publishers {
@@ -175,6 +190,7 @@ impl World {
         let n = clients.len();
         let n_nodes = nodes.len();
         World {
+            seeds,
             shape: shape.clone(),
             rng,
             clock,
@@ -187,6 +203,7 @@ impl World {
             partitions: Vec::new(),
             peers_seen: vec![0; n_nodes],
             flaps: 0,
+            moves: 0,
             next_bounds_check: 0,
             ledger: Ledger {
                 check_order: shape.check_order,
@@ -236,6 +253,7 @@ impl World {
                 self.heal_all(now);
             }
             self.heal_due(now);
+            self.restart_due(now);
             self.watch_peers();
             if now >= self.next_bounds_check {
                 self.next_bounds_check = now + BOUNDS_CHECK_MS;
@@ -255,6 +273,8 @@ impl World {
             published: self.ledger.msgs.len(),
             delivered,
             flaps: self.flaps,
+            faults: self.ledger.faults.len(),
+            moves: self.moves,
         }
     }
 
@@ -270,6 +290,9 @@ impl World {
                 let (n, s) = (a / per_node, a % per_node);
                 super::SIM_NODE.with(|c| c.set(n));
                 let node = &mut self.nodes[n];
+                if node.down_until.is_some() {
+                    continue;
+                }
                 if s < shards {
                     node.shards[s].pump(&self.net, &mut self.rng, now);
                 } else {
@@ -363,11 +386,17 @@ impl World {
                 }
                 let delay = if how == 2 { 0 } else { self.rng.range(0, 400) };
                 self.returns[i] = Some((now + delay, to));
+                if to != self.clients[i].node {
+                    self.moves += 1;
+                }
                 let kind = ["leaves", "drops", "is taken over"][how as usize];
                 self.log(format!(
                     "client {i} {kind}, back on node {to} in {delay} ms"
                 ));
             }
+        }
+        if self.shape.crashes && self.rng.chance(1) && self.rng.chance(80) {
+            self.crash(now);
         }
         if !self.shape.link_faults || self.shape.nodes < 2 {
             return;
@@ -400,6 +429,51 @@ impl World {
                     "partition node {a} -> node {b} ({kind}) until t={until}"
                 ));
             }
+        }
+    }
+
+    /// A node dies (kill -9): its connections reset, its state is gone; it restarts later
+    /// from its member file alone. One node down at a time.
+    fn crash(&mut self, now: u64) {
+        if self.nodes.iter().any(|n| n.down_until.is_some()) {
+            return;
+        }
+        let i = self.rng.below(self.nodes.len() as u64) as usize;
+        let until = now + self.rng.range(300, 3_000);
+        if until + 2_000 >= CHAOS_END_MS {
+            return;
+        }
+        self.net.borrow_mut().crash(node_host(i));
+        self.nodes[i].down_until = Some(until);
+        let f = self.ledger.fault_started(now);
+        // Its peers see it back, and it sees its sessions' clients back, a little later.
+        self.ledger.fault_ended(f, until + 3_000);
+        self.log(format!("node {i} crashed, restarts at t={until}"));
+    }
+
+    /// Restarts crashed nodes whose time has come: new cores, old member file.
+    fn restart_due(&mut self, now: u64) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].down_until.is_none_or(|t| t > now) {
+                continue;
+            }
+            let members = self.nodes[i].members.clone();
+            let mut node = build_node(
+                i,
+                &self.shape,
+                &self.seeds,
+                &self.net,
+                &self.clock,
+                &mut self.rng,
+                members,
+            );
+            node.cluster.start(now);
+            for s in &mut node.shards {
+                s.core.start();
+            }
+            self.nodes[i] = node;
+            self.peers_seen[i] = 0;
+            self.log(format!("node {i} restarted"));
         }
     }
 
@@ -513,6 +587,7 @@ fn build_node(
     net: &Rc<RefCell<Net>>,
     clock: &Clock,
     rng: &mut Rng,
+    members: Rc<RefCell<Option<String>>>,
 ) -> SimNode {
     let host = node_host(i);
     let cluster_addr = addr_of(host, CLUSTER_PORT);
@@ -567,7 +642,6 @@ fn build_node(
             listen: (mqtt_addr.clone(), j),
         });
     }
-    let members = Rc::new(RefCell::new(None));
     let io = SimClusterIo {
         net: net.clone(),
         host,
@@ -589,6 +663,7 @@ fn build_node(
         control: control.clone(),
         shards,
         cluster,
-        _members: members,
+        members,
+        down_until: None,
     }
 }
