@@ -226,6 +226,12 @@ impl Shard {
             let (max_queued, policy) =
                 (self.cfg().max_queued_messages, self.cfg().queue_drop_policy);
             for (i, msg) in e.messages.into_iter().enumerate() {
+                // Remembered like a copy that came straight here or in the tail: this node
+                // may route the same message to the session again (another session here
+                // already had its filter), and a QoS 2 message must not go out twice.
+                if !self.first_copy(sidx, msg.id) {
+                    continue;
+                }
                 let d = moved_delivery(msg);
                 let session = &mut self.session_mut(sidx).session;
                 match e.sent_ids.get(i) {
