@@ -57,6 +57,9 @@ pub struct Ledger {
     pub check_order: bool,
     /// What clients saw, for the trace of a failing seed.
     pub notes: Vec<String>,
+    /// Sessions lost by design (to a fault), by client and time: what they held then is not
+    /// owed.
+    pub sessions_lost_by_design: Vec<(u32, u64)>,
     /// Sessions found lost, by client.
     pub lost_sessions: Vec<(u32, u64)>,
 }
@@ -136,6 +139,7 @@ impl Ledger {
         self.lost_sessions.push((client, now));
         if self.fault_near(now) {
             self.note(now, format!("client {client} lost its session to a fault"));
+            self.sessions_lost_by_design.push((client, now));
             return;
         }
         self.violations.push(format!(
@@ -175,6 +179,13 @@ impl Ledger {
                     continue;
                 }
                 let n = self.got.get(&(s.client, *key)).copied().unwrap_or(0);
+                let held_by_lost_session = self
+                    .sessions_lost_by_design
+                    .iter()
+                    .any(|&(c, t)| c == s.client && t >= acked);
+                if n == 0 && held_by_lost_session {
+                    continue;
+                }
                 let qos = m.qos.min(s.qos);
                 if n == 0 {
                     out.push(format!(
