@@ -149,6 +149,10 @@ impl Session {
     /// its session moved here keeps its id, so the client sees it again as a DUP of it.
     pub fn restore_inflight(&mut self, packet_id: u16, d: Delivery) {
         debug_assert!(d.qos != QoS::AtMostOnce);
+        debug_assert!(
+            !self.holds_packet_id(packet_id),
+            "packet ids in flight are unique"
+        );
         let state = if d.qos == QoS::AtLeastOnce {
             InflightState::AwaitPubAck
         } else {
@@ -159,6 +163,11 @@ impl Session {
             state,
             delivery: d,
         });
+    }
+
+    /// Whether `packet_id` is in flight (in any state): ids in flight are unique.
+    pub fn holds_packet_id(&self, packet_id: u16) -> bool {
+        self.inflight.iter().any(|i| i.packet_id == packet_id)
     }
 
     /// True when a delivery can bypass the queue: nothing queued ahead of it and, for QoS 1/2,
@@ -268,6 +277,10 @@ impl Session {
     /// A released QoS 2 message whose session moved here: only its PUBREL is left to send
     /// (again, with the same packet id), so it carries an empty message.
     pub fn restore_released(&mut self, packet_id: u16) {
+        debug_assert!(
+            !self.holds_packet_id(packet_id),
+            "packet ids in flight are unique"
+        );
         let msg = Arc::new(Message {
             topic: "".into(),
             payload: bytes::Bytes::new(),

@@ -217,8 +217,13 @@ impl Shard {
                 };
                 self.pending_ends.insert(token, end);
             }
+            // A peer's ids are checked before they become ours: one id twice (hostile or
+            // broken) is kept once (MQTT-2.2.1-3: an id in flight is not reused).
             for pid in e.pubrel {
-                self.session_mut(sidx).session.restore_released(pid);
+                let session = &mut self.session_mut(sidx).session;
+                if !session.holds_packet_id(pid) {
+                    session.restore_released(pid);
+                }
             }
             for pid in e.incoming_qos2 {
                 self.session_mut(sidx).session.incoming_qos2(pid);
@@ -236,7 +241,9 @@ impl Shard {
                 let session = &mut self.session_mut(sidx).session;
                 match e.sent_ids.get(i) {
                     // In flight there: again, as a DUP under its packet id (MQTT-4.4.0-1).
-                    Some(&pid) if d.qos != QoS::AtMostOnce => session.restore_inflight(pid, d),
+                    Some(&pid) if d.qos != QoS::AtMostOnce && !session.holds_packet_id(pid) => {
+                        session.restore_inflight(pid, d)
+                    }
                     _ => {
                         session.enqueue(d, max_queued, policy);
                     }
