@@ -191,16 +191,12 @@ impl Shard {
                 let options = SubscriptionOptions::from_byte(options).unwrap_or_default();
                 let id = NonZeroU32::new(id);
                 if shared::is_shared(&filter) {
-                    let s = &mut self.session_mut(sidx).session;
-                    s.subscriptions.push(Subscription {
+                    let sub = Subscription {
                         filter: filter.clone(),
                         options,
                         id,
-                    });
-                    self.shared
-                        .metrics
-                        .subscriptions
-                        .fetch_add(1, Ordering::Relaxed);
+                    };
+                    self.add_subscription(sidx, sub);
                     new_routes += self.share_join(sidx, filter, token) as usize;
                 } else {
                     new_routes += self.subscribe_one(sidx, filter, options, id, token) as usize;

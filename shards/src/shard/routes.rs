@@ -6,6 +6,22 @@
 use super::*;
 
 impl Shard {
+    /// Gives session `sidx` a new subscription, counted in the subscriptions gauge (the one
+    /// place a subscription is added).
+    pub(super) fn add_subscription(&mut self, sidx: u32, sub: Subscription) {
+        debug_assert!(self
+            .session(sidx)
+            .session
+            .subscriptions
+            .get(&sub.filter)
+            .is_none());
+        self.session_mut(sidx).session.subscriptions.push(sub);
+        self.shared
+            .metrics
+            .subscriptions
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Adds one subscription; returns true if the filter is new on this shard and a route
     /// change went out to the other shards carrying `token`.
     pub(super) fn subscribe_one(
@@ -23,15 +39,12 @@ impl Shard {
                 existing.id = id;
             }
             None => {
-                session.subscriptions.push(Subscription {
+                let sub = Subscription {
                     filter: filter.clone(),
                     options,
                     id,
-                });
-                self.shared
-                    .metrics
-                    .subscriptions
-                    .fetch_add(1, Ordering::Relaxed);
+                };
+                self.add_subscription(sidx, sub);
             }
         }
         let list = &mut self

@@ -39,15 +39,12 @@ impl Shard {
                 return ReasonCode::QuotaExceeded;
             }
             None => {
-                session.subscriptions.push(Subscription {
+                let sub = Subscription {
                     filter: key.clone(),
                     options,
                     id,
-                });
-                self.shared
-                    .metrics
-                    .subscriptions
-                    .fetch_add(1, Ordering::Relaxed);
+                };
+                self.add_subscription(sidx, sub);
             }
         }
         if self.share_join(sidx, key, token) {
